@@ -1,0 +1,1 @@
+"""Coordinator-side code: stage layouts, merging edge sets, routes, jobs."""

@@ -1,0 +1,1 @@
+"""Stage-side code: sharded model loading, forward with capture, contributions, wire format."""

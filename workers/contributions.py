@@ -1,0 +1,262 @@
+"""ALTI proximity contributions (SPEC sections 2-4): the one place where the math lives.
+
+Notation follows SPEC: for an attention block, target ``t``, source ``s``, head ``h``::
+
+    u[s, h]      = v[s, kv(h)] @ W_O[h]                 # what head h would write, per unit weight
+    part(s, h)   = a[h, t, s] * u[s, h]                 # a = attention pattern
+    prox         = max(||y|| - ||y - part||, eps)       # y = the whole the parts were added into
+    c            = prox / sum(prox over all parts of y)
+
+L1 exactly, without materialising parts. Per coordinate, ``|y_i| - |y_i - a z_i|`` equals
+``a * sign(y_i) * z_i`` except where ``a*|z_i| > |y_i|`` with the same sign, where it is lower by
+``2 * (a*|z_i| - |y_i|)``.  So::
+
+    prox = a * <sign(y), u>  -  2 * sum_i [sign(y_i) u_i > 0] * relu(a*|u_i| - |y_i|)
+
+The first term is ``a * (sign(y) @ W_O[h]^T) . v[s]``: a matmul as cheap as the attention scores.
+The correction is non-zero only where ``a * max_i|u_i| > min_i |y_i|``; those candidate triples are
+found with one comparison and corrected exactly by a gather. L2 uses
+``||y - a u||^2 = ||y||^2 - 2a<y,u> + a^2||u||^2`` in the same head space.
+
+Everything is computed in chunks of target positions sized by a byte budget, causal half only, so
+no ``T*T*H*d`` tensor ever exists, and norms accumulate in fp32 whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+EPS = 1e-5
+Norm = Literal["l1", "l2"]
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass
+class LayerActivations:
+    """What one layer's contributions need, for one prompt (no padding), fp32 or model dtype.
+
+    ``resid_mid`` is None for parallel attention+FFN blocks (GPT-NeoX, GPT-J, Phi).
+    """
+
+    resid_pre: torch.Tensor  # [T, d]
+    resid_mid: torch.Tensor | None  # [T, d]
+    resid_post: torch.Tensor  # [T, d]
+    attn_out: torch.Tensor  # [T, d], includes b_O
+    mlp_out: torch.Tensor  # [T, d]
+    v: torch.Tensor  # [T, H_kv, d_head], includes b_V
+    pattern: torch.Tensor  # [H, T, T]
+    W_O: torch.Tensor  # [H, d_head, d]
+
+    @property
+    def parallel(self) -> bool:
+        return self.resid_mid is None
+
+    @property
+    def attn_whole(self) -> torch.Tensor:
+        """The vector the attention parts were added into."""
+        return self.resid_post if self.resid_mid is None else self.resid_mid
+
+
+@dataclass
+class SparseLayerContributions:
+    """Contributions of one layer, sparse where they are quadratic in T (SPEC sections 3-5).
+
+    Head parts and head-summed attention edges are kept when ``>= tau_min``; the per-position
+    values (residual and FFN parts) are kept densely. For parallel blocks ``c_ffn`` is the share of
+    ``mlp_out`` in the single whole ``resid_post`` and ``c_res_ffn`` is all zeros.
+    """
+
+    head_target: torch.Tensor  # int64 [n]
+    head_source: torch.Tensor  # int64 [n]
+    head_head: torch.Tensor  # int64 [n]
+    head_weight: torch.Tensor  # fp32 [n]
+    edge_target: torch.Tensor  # int64 [m]
+    edge_source: torch.Tensor  # int64 [m]
+    edge_weight: torch.Tensor  # fp32 [m]
+    c_res_attn: torch.Tensor  # fp32 [T]
+    c_ffn: torch.Tensor  # fp32 [T]
+    c_res_ffn: torch.Tensor  # fp32 [T]
+
+
+def vector_norm(x: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """Row norms in fp32."""
+    return torch.linalg.vector_norm(x.float(), ord=1 if norm == "l1" else 2, dim=-1)
+
+
+def proximity(whole: torch.Tensor, part: torch.Tensor, norm: Norm = "l1") -> torch.Tensor:
+    """SPEC section 2 for row-aligned parts: ``max(||y|| - ||y - p||, eps)`` per row."""
+    whole, part = whole.float(), part.float()
+    return (vector_norm(whole, norm) - vector_norm(whole - part, norm)).clamp_min(EPS)
+
+
+def head_outputs(v: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
+    """``u[s, h] = v[s, kv(h)] @ W_O[h]``, shape [H, T, d], fp32."""
+    n_heads = W_O.shape[0]
+    v = expand_kv(v, n_heads).float()  # [T, H, dh]
+    return torch.einsum("the,hed->htd", v, W_O.float())
+
+
+def expand_kv(v: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Repeat grouped key/value heads so head h reads kv head ``h // (H / H_kv)``."""
+    n_kv = v.shape[1]
+    if n_kv == n_heads:
+        return v
+    return v.repeat_interleave(n_heads // n_kv, dim=1)
+
+
+def attention_proximity_chunk(
+    acts: LayerActivations,
+    t0: int,
+    t1: int,
+    norm: Norm,
+    u: torch.Tensor | None = None,
+    u_absmax: torch.Tensor | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> torch.Tensor:
+    """Raw proximities (before ``eps`` clamp) of the parts ``(s, h)`` of targets ``t0..t1-1``.
+
+    Returns fp32 ``[H, t1 - t0, t1]``; entries with ``s > t`` are meaningless (callers mask them).
+    ``u`` / ``u_absmax`` may be passed in to reuse them across chunks (L1 only).
+    """
+    n_heads = acts.W_O.shape[0]
+    y = acts.attn_whole[t0:t1].float()  # [C, d]
+    a = acts.pattern[:, t0:t1, :t1].float()  # [H, C, S]
+    v = expand_kv(acts.v[:t1], n_heads).float().transpose(0, 1)  # [H, S, dh]
+    W_O = acts.W_O.float()
+    if norm == "l2":
+        # <y, u[s,h]> = (y @ W_O[h]^T) . v[s]; ||u[s,h]||^2 = v[s] (W_O W_O^T) v[s]
+        yq = torch.einsum("cd,hed->hce", y, W_O)  # [H, C, dh]
+        dot = yq @ v.transpose(1, 2)  # [H, C, S]
+        gram = W_O @ W_O.transpose(1, 2)  # [H, dh, dh]
+        u_sq = torch.einsum("hse,hef,hsf->hs", v, gram, v)  # [H, S]
+        y_norm = torch.linalg.vector_norm(y, dim=-1)[None, :, None]  # [1, C, 1]
+        rest_sq = (y_norm**2 - 2 * a * dot + a * a * u_sq[:, None, :]).clamp_min(0.0)
+        # ||y|| - ||y - au|| written without cancellation.
+        return (2 * a * dot - a * a * u_sq[:, None, :]) / (y_norm + rest_sq.sqrt()).clamp_min(1e-30)
+    sign = torch.where(y >= 0, 1.0, -1.0)  # sign(0) = +1 by convention
+    sign_q = torch.einsum("cd,hed->hce", sign, W_O)  # [H, C, dh]
+    prox = a * (sign_q @ v.transpose(1, 2))  # [H, C, S]: a * <sign(y), u>
+    if u is None:
+        u = head_outputs(acts.v[:t1], acts.W_O)  # [H, S, d]
+    if u_absmax is None:
+        u_absmax = u.abs().amax(dim=-1)  # [H, S]
+    y_abs = y.abs()
+    y_min = y_abs.amin(dim=-1)  # [C]
+    causal = torch.ones(t1 - t0, t1, dtype=torch.bool, device=y.device).tril(t0)
+    candidates = (a * u_absmax[:, None, :t1] > y_min[None, :, None]) & causal
+    idx = candidates.nonzero()  # [n, 3]: (h, c, s)
+    if idx.numel():
+        d = y.shape[-1]
+        step = max(1, chunk_bytes // (4 * d * 4))
+        corr = torch.empty(idx.shape[0], device=y.device)
+        for i in range(0, idx.shape[0], step):
+            h, c, s = idx[i : i + step].unbind(1)
+            ua = a[h, c, s][:, None] * u[h, s]  # [n, d]: the parts themselves
+            same = sign[c] * ua > 0
+            corr[i : i + step] = torch.where(same, (ua.abs() - y_abs[c]).clamp_min(0.0), 0.0).sum(-1)
+        prox[idx[:, 0], idx[:, 1], idx[:, 2]] -= 2 * corr
+    return prox
+
+
+def attention_contributions_chunk(
+    acts: LayerActivations,
+    t0: int,
+    t1: int,
+    norm: Norm = "l1",
+    u: torch.Tensor | None = None,
+    u_absmax: torch.Tensor | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Normalised contributions to the attention whole of targets ``t0..t1-1``.
+
+    Returns ``(c_attn [H, C, t1], c_res [C], c_mlp [C] or None)``; ``c_attn`` is exactly 0 for
+    ``s > t``, and everything sums to 1 per target. ``c_mlp`` exists for parallel blocks only.
+    """
+    whole = acts.attn_whole[t0:t1]
+    prox = attention_proximity_chunk(acts, t0, t1, norm, u=u, u_absmax=u_absmax, chunk_bytes=chunk_bytes)
+    causal = torch.ones(t1 - t0, t1, dtype=torch.bool, device=prox.device).tril(t0)
+    prox = torch.where(causal, prox.clamp_min(EPS), 0.0)  # future positions are not parts
+    prox_res = proximity(whole, acts.resid_pre[t0:t1], norm)
+    total = prox.sum(dim=(0, 2)) + prox_res
+    prox_mlp = None
+    if acts.parallel:
+        prox_mlp = proximity(whole, acts.mlp_out[t0:t1], norm)
+        total = total + prox_mlp
+    c_mlp = None if prox_mlp is None else prox_mlp / total
+    return prox / total[None, :, None], prox_res / total, c_mlp
+
+
+def layer_contributions(
+    acts: LayerActivations,
+    norm: Norm = "l1",
+    tau_min: float = 0.01,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> SparseLayerContributions:
+    """All contributions of one layer (SPEC sections 3-4), sparse at ``tau_min``."""
+    n_tokens = acts.resid_pre.shape[0]
+    n_heads = acts.W_O.shape[0]
+    device = acts.resid_pre.device
+    u = u_absmax = None
+    if norm == "l1":
+        u = head_outputs(acts.v, acts.W_O)  # [H, T, d]: O(T H d), the size of one hook_result
+        u_absmax = u.abs().amax(dim=-1)
+    # Several [H, C, T] fp32 temporaries live at once; size C to the byte budget.
+    per_target = 6 * n_heads * n_tokens * 4
+    step = max(1, min(n_tokens, chunk_bytes // per_target))
+    heads, edges = [], []
+    c_res_attn = torch.empty(n_tokens, device=device)
+    c_ffn = torch.empty(n_tokens, device=device)
+    for t0 in range(0, n_tokens, step):
+        t1 = min(n_tokens, t0 + step)
+        c_attn, c_res, c_mlp = attention_contributions_chunk(acts, t0, t1, norm, u, u_absmax, chunk_bytes)
+        c_res_attn[t0:t1] = c_res
+        if c_mlp is not None:
+            c_ffn[t0:t1] = c_mlp
+        c = c_attn.permute(1, 2, 0)  # [C, S, H]: nonzero() yields rows sorted by (t, s, h)
+        t, s, h = (c >= tau_min).nonzero().unbind(1)
+        heads.append((t + t0, s, h, c[t, s, h]))
+        w = c.sum(-1)
+        t, s = (w >= tau_min).nonzero().unbind(1)
+        edges.append((t + t0, s, w[t, s]))
+    if acts.parallel:
+        c_res_ffn = torch.zeros(n_tokens, device=device)
+    else:
+        prox_ffn = proximity(acts.resid_post, acts.mlp_out, norm)
+        prox_res_ffn = proximity(acts.resid_post, acts.resid_mid, norm)
+        c_ffn = prox_ffn / (prox_ffn + prox_res_ffn)
+        c_res_ffn = prox_res_ffn / (prox_ffn + prox_res_ffn)
+    ht, hs, hh, hw = (torch.cat(x) for x in zip(*heads))
+    et, es, ew = (torch.cat(x) for x in zip(*edges))
+    return SparseLayerContributions(ht, hs, hh, hw, et, es, ew, c_res_attn, c_ffn, c_res_ffn)
+
+
+def target_head_contributions(acts: LayerActivations, t: int, norm: Norm = "l1") -> torch.Tensor:
+    """Dense ``c_attn[t, :t+1, :]`` of one target, fp32 ``[t+1, H]`` (head detail view)."""
+    c_attn, _, _ = attention_contributions_chunk(acts, t, t + 1, norm)
+    return c_attn[:, 0, :].T
+
+
+def head_contribution_map(acts: LayerActivations, head: int, norm: Norm = "l1") -> torch.Tensor:
+    """Dense ``c_attn[:, :, head]``, fp32 ``[T, T]`` (zeros above the diagonal)."""
+    n = acts.resid_pre.shape[0]
+    c_attn, _, _ = attention_contributions_chunk(acts, 0, n, norm)
+    return c_attn[head]
+
+
+def neuron_contributions(
+    resid_mid: torch.Tensor, resid_post: torch.Tensor, post: torch.Tensor, W_out: torch.Tensor, norm: Norm = "l1"
+) -> torch.Tensor:
+    """Per-neuron contributions at one position (SPEC 4): parts ``act[n] * W_out[n]`` and ``resid_mid``.
+
+    ``resid_mid``/``resid_post`` are ``[d]``, ``post`` is ``[d_ff]``, ``W_out`` is ``[d_ff, d]``.
+    Returns fp32 ``[d_ff + 1]``: neurons then the residual.
+    """
+    y = resid_post.float()
+    parts = post.float()[:, None] * W_out.float()  # [d_ff, d]: one position only, small
+    prox = proximity(y.expand_as(parts), parts, norm)
+    prox_res = proximity(y[None], resid_mid.float()[None], norm)
+    prox = torch.cat([prox, prox_res])
+    return prox / prox.sum()

@@ -1,0 +1,506 @@
+"""A pipeline stage: layers ``[start, stop)`` of a model, as their own TransformerBridge.
+
+A stage is built as a smaller Hugging Face model with ``stop - start`` layers whose tensors are
+read (renumbered) from the checkpoint's safetensors; the first stage also holds the token
+embedding, the last the final norm and unembedding. It is wrapped by ``TransformerBridge`` and
+its hook points are the only way routescope reads model internals. A single process is a
+one-stage pipeline; the Ray actors of ``workers.actor`` hold one ``Stage`` each.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint, resolve
+from .contributions import (
+    DEFAULT_CHUNK_BYTES,
+    LayerActivations,
+    Norm,
+    head_contribution_map,
+    layer_contributions,
+    neuron_contributions,
+    target_head_contributions,
+)
+from .edgeset import EdgeSet
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "attn.hook_v", "attn.hook_pattern",
+          "hook_attn_out", "hook_mlp_out", "mlp.hook_post")
+
+
+class RunEvictedError(KeyError):
+    """The activations of a run are no longer cached on this stage."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the viewer and the coordinator need to know about a model."""
+
+    name: str
+    architecture: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_ff: int
+    d_vocab: int
+    n_ctx: int
+    parallel: bool
+    n_params: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_config(checkpoint: Checkpoint):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(checkpoint.path))
+
+
+def _n_layers(config) -> int:
+    return int(config.num_hidden_layers)
+
+
+def _layer_key(name: str) -> tuple[str, int, str] | None:
+    """Split ``prefix.<i>.rest`` of a transformer-layer tensor name, if it is one."""
+    m = re.match(r"^(.*?(?:layers|\.h|blocks))\.(\d+)\.(.+)$", name)
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+def _checkpoint_renamer(model: torch.nn.Module):
+    """Hugging Face's own checkpoint-to-model key renamings for this architecture (plain renames)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        rules = [
+            (re.compile(r.source_patterns[0]), r.target_patterns[0])
+            for r in get_model_conversion_mapping(model, add_legacy=False)
+            if type(r) is WeightRenaming and len(r.source_patterns) == 1
+        ]
+    except ImportError:  # older transformers: checkpoints already use model names
+        rules = []
+
+    def rename(name: str) -> str:
+        for pattern, target in rules:
+            name = pattern.sub(target, name)
+        return name
+
+    return rename
+
+
+def _module_name(model: torch.nn.Module, module: torch.nn.Module | None) -> str | None:
+    if module is None:
+        return None
+    for name, mod in model.named_modules():
+        if mod is module:
+            return name
+    return None
+
+
+class ActivationStore:
+    """Activations of recent runs, least recently used evicted beyond a byte budget."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._runs: OrderedDict[str, tuple[int, dict[str, Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(size for size, _ in self._runs.values())
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        size = sum(t.numel() * t.element_size() for t in _tensors(value))
+        with self._lock:
+            self._runs[key] = (size, value)
+            self._runs.move_to_end(key)
+            while len(self._runs) > 1 and self.n_bytes > self.max_bytes:
+                self._runs.popitem(last=False)
+            if self.n_bytes > self.max_bytes:  # one run alone exceeds the budget: keep nothing
+                self._runs.clear()
+
+    def get(self, key: str) -> dict[str, Any]:
+        with self._lock:
+            if key not in self._runs:
+                raise RunEvictedError(key)
+            self._runs.move_to_end(key)
+            return self._runs[key][1]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._runs
+
+
+def _tensors(obj: Any):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+class Stage:
+    """Layers ``[start, stop)`` of a model: forward with capture, contributions, detail queries."""
+
+    def __init__(
+        self,
+        model: str | Checkpoint,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+        cache_bytes: int = 2 * 2**30,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
+        from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+        self.checkpoint = model if isinstance(model, Checkpoint) else resolve(model)
+        config = load_config(self.checkpoint)
+        total = _n_layers(config)
+        stop = total if stop is None else stop
+        if not 0 <= start < stop <= total:
+            raise ValueError(f"layers: stage range [{start}, {stop}) is not within the model's [0, {total})")
+        self.start, self.stop, self.n_layers_total = start, stop, total
+        self.first, self.last = start == 0, stop == total
+        self.device = torch.device(device)
+        self.dtype = _dtype(dtype, config)
+        self.chunk_bytes = chunk_bytes
+        self.full_config = config
+        self.hf_model, stage_config = self._build_hf_model(config)
+        self.tokenizer = _load_tokenizer(self.checkpoint)
+        self.bridge = build_bridge_from_module(
+            self.hf_model, type(self.hf_model).__name__, hf_config=stage_config, tokenizer=self.tokenizer
+        )
+        self.bridge.eval()
+        hooks = self.bridge.hook_dict
+        self.parallel = "blocks.0.hook_resid_mid" not in hooks
+        missing = [h for h in _HOOKS if f"blocks.0.{h}" not in hooks and h != "hook_resid_mid"]
+        if missing:
+            raise NotImplementedError(f"{type(self.hf_model).__name__}: bridge lacks hook points {missing}")
+        self.W_O = self.bridge.W_O.detach()  # [n, H, dh, d]
+        self.W_out = self.bridge.W_out.detach()  # [n, d_ff, d]
+        self.info = self._model_info(config)
+        self.store = ActivationStore(cache_bytes)
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------------------- loading
+    def _build_hf_model(self, config):
+        """A model of ``stop - start`` layers holding only this stage's tensors."""
+        from accelerate import init_empty_weights
+        from safetensors import safe_open
+        from transformers import AutoModelForCausalLM
+
+        stage_config = copy.deepcopy(config)
+        stage_config.num_hidden_layers = self.stop - self.start
+        if hasattr(stage_config, "layer_types") and stage_config.layer_types:
+            stage_config.layer_types = list(config.layer_types)[self.start : self.stop]
+        # Eager attention exposes the attention pattern to the bridge's hooks on every architecture.
+        stage_config._attn_implementation = "eager"
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(stage_config, attn_implementation="eager")
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        embed_name = _module_name(model, model.get_input_embeddings())
+        unembed_name = _module_name(model, model.get_output_embeddings())
+        d = config.hidden_size
+        if not self.first:
+            model.set_input_embeddings(torch.nn.Embedding(1, d))
+        if not self.last:
+            model.set_output_embeddings(torch.nn.Linear(d, 1, bias=False))
+
+        weight_map = self.checkpoint.weight_map()
+        rename = _checkpoint_renamer(model)
+        wanted: dict[str, list[str]] = {}  # checkpoint name -> stage model names
+        for stored in weight_map:
+            name = rename(stored)
+            layer = _layer_key(name)
+            targets = []
+            if layer is not None:
+                prefix, i, rest = layer
+                if self.start <= i < self.stop:
+                    targets.append(f"{prefix}.{i - self.start}.{rest}")
+            elif embed_name and name.startswith(embed_name + "."):
+                if self.first:
+                    targets.append(name)
+                if self.last and tied and not self.first:
+                    targets.append(unembed_name + name[len(embed_name):])
+            elif unembed_name and name.startswith(unembed_name + "."):
+                if self.last and not (tied and self.first):
+                    targets.append(name)
+            else:  # final norm, learned positions, projections: small, every stage takes them
+                targets.append(name)
+            if targets:
+                wanted[stored] = targets
+        state: dict[str, torch.Tensor] = {}
+        by_shard: dict[Any, list[str]] = {}
+        for name in wanted:
+            by_shard.setdefault(weight_map[name], []).append(name)
+        for shard, names in by_shard.items():
+            with safe_open(str(shard), "pt", device="cpu") as f:
+                for name in names:
+                    tensor = f.get_tensor(name).to(self.dtype)
+                    for target in wanted[name]:
+                        state[target] = tensor
+        model.load_state_dict(state, strict=False, assign=True)
+        if self.first and self.last and tied:  # one matrix serves both ends, as in the checkpoint
+            model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+        if still_meta:
+            raise ValueError(f"{self.checkpoint.path}: checkpoint lacks tensors for {still_meta[:5]}")
+        for module in model.modules():  # rotary and other buffers built at init: match the dtype rules
+            for bname, buf in list(module.named_buffers(recurse=False)):
+                if buf.is_floating_point() and bname not in ("inv_freq", "original_inv_freq"):
+                    module._buffers[bname] = buf.to(self.dtype)
+        model.to(self.device)
+        model.eval()
+        return model, stage_config
+
+    def _model_info(self, config) -> ModelInfo:
+        H, dh, d = self.W_O.shape[1:]
+        n_kv = int(getattr(config, "num_key_value_heads", None) or H)
+        n_params = sum(p.numel() for p in self.hf_model.parameters())
+        return ModelInfo(
+            name=self.checkpoint.spec,
+            architecture=type(self.hf_model).__name__,
+            n_layers=self.n_layers_total,
+            n_heads=int(H),
+            n_kv_heads=n_kv,
+            d_model=int(d),
+            d_head=int(dh),
+            d_ff=int(self.W_out.shape[1]),
+            d_vocab=int(config.vocab_size),
+            n_ctx=int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)),
+            parallel=self.parallel,
+            n_params=n_params,
+        )
+
+    def parameter_bytes(self) -> int:
+        """Bytes of the parameters this stage holds (its share of the model)."""
+        return sum(p.numel() * p.element_size() for p in self.hf_model.parameters())
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        lengths: list[int],
+        *,
+        run_ids: list[str] | None = None,
+        norm: Norm = "l1",
+        tau_min: float = 0.01,
+        keep: bool = True,
+    ) -> tuple[torch.Tensor, list[bytes]]:
+        """Run this stage's layers on a left-padded batch; return the residual and edge sets.
+
+        ``inputs`` is ``[B, T]`` token ids on the first stage, else the ``[B, T, d]`` residual the
+        previous stage produced. ``lengths`` are the unpadded lengths (positions ``T - len..T-1``
+        hold the prompt). Returns the residual after ``stop - 1`` and one msgpack edge set per
+        prompt. With ``keep``, activations are cached under ``run_ids`` for detail queries.
+        """
+        with self._lock, torch.inference_mode():
+            resid_out, layers = self._run(inputs, lengths)
+            payloads = []
+            for b, n in enumerate(lengths):
+                acts = [self._slice(layer, b, n) for layer in layers]
+                payloads.append(self._edge_set(acts, n, norm, tau_min).encode())
+                if keep and run_ids is not None:
+                    self.store.put(run_ids[b], {"input": _row(inputs, b, n), "layers": acts})
+        return resid_out, payloads
+
+    def _run(self, inputs: torch.Tensor, lengths: list[int]):
+        batch, n_tok = inputs.shape[:2]
+        mask = torch.zeros(batch, n_tok, dtype=torch.long)
+        for b, n in enumerate(lengths):
+            mask[b, n_tok - n :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        mask, positions = mask.to(self.device), positions.to(self.device)
+        names = {f"blocks.{i}.{h}" for i in range(self.stop - self.start) for h in _HOOKS}
+        kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": positions, "names_filter": lambda n: n in names}
+        if self.first:
+            if inputs.dtype.is_floating_point:
+                raise ValueError("the first stage takes token ids")
+            _, cache = self.bridge.run_with_cache(inputs.to(self.device), prepend_bos=False, **kwargs)
+        else:
+            resid = inputs.to(self.device, self.dtype)
+            _, cache = self.bridge.run_with_cache(resid, start_at_layer=0, **kwargs)
+        n = self.stop - self.start
+        layers = [
+            {h: cache[f"blocks.{i}.{h}"] for h in _HOOKS if f"blocks.{i}.{h}" in cache} for i in range(n)
+        ]
+        return layers[-1]["hook_resid_post"], layers
+
+    def _slice(self, layer: dict[str, torch.Tensor], b: int, n: int) -> dict[str, torch.Tensor]:
+        """One prompt's activations of one layer without its left padding (model dtype)."""
+        out = {}
+        for name, t in layer.items():
+            if name == "attn.hook_pattern":
+                out[name] = t[b, :, -n:, -n:].contiguous()
+            else:
+                out[name] = t[b, -n:].contiguous()
+        return out
+
+    def _layer_acts(self, acts: dict[str, torch.Tensor], i: int) -> LayerActivations:
+        return LayerActivations(
+            resid_pre=acts["hook_resid_pre"],
+            resid_mid=acts.get("hook_resid_mid"),
+            resid_post=acts["hook_resid_post"],
+            attn_out=acts["hook_attn_out"],
+            mlp_out=acts["hook_mlp_out"],
+            v=acts["attn.hook_v"],
+            pattern=acts["attn.hook_pattern"],
+            W_O=self.W_O[i],
+        )
+
+    def _edge_set(self, acts: list[dict[str, torch.Tensor]], n_tokens: int, norm: Norm, tau_min: float) -> EdgeSet:
+        cols: dict[str, list] = {k: [] for k in ("hl", "ht", "hs", "hh", "hw", "el", "et", "es", "ew", "ra", "f", "rf")}
+        for i, layer in enumerate(acts):
+            c = layer_contributions(self._layer_acts(layer, i), norm, tau_min, self.chunk_bytes)
+            g = self.start + i
+            cols["hl"].append(torch.full_like(c.head_target, g))
+            cols["el"].append(torch.full_like(c.edge_target, g))
+            for key, val in (("ht", c.head_target), ("hs", c.head_source), ("hh", c.head_head), ("hw", c.head_weight),
+                             ("et", c.edge_target), ("es", c.edge_source), ("ew", c.edge_weight),
+                             ("ra", c.c_res_attn), ("f", c.c_ffn), ("rf", c.c_res_ffn)):
+                cols[key].append(val)
+        # One device-to-host copy per column per prompt.
+        flat = {k: torch.cat(v).cpu().numpy() if k not in ("ra", "f", "rf") else torch.stack(v).cpu().numpy()
+                for k, v in cols.items()}
+        return EdgeSet(
+            model=self.info.name, n_layers=self.n_layers_total, n_heads=self.info.n_heads, n_tokens=n_tokens,
+            layer_start=self.start, layer_stop=self.stop, parallel=self.parallel, norm=norm, tau_min=float(tau_min),
+            head_layer=flat["hl"], head_target=flat["ht"], head_source=flat["hs"], head_head=flat["hh"],
+            head_weight=flat["hw"], edge_layer=flat["el"], edge_target=flat["et"], edge_source=flat["es"],
+            edge_weight=flat["ew"], res_attn=flat["ra"], ffn=flat["f"], res_ffn=flat["rf"],
+        )
+
+    # ----------------------------------------------------------------------------- details (SPEC 7)
+    def owns(self, layer: int) -> bool:
+        return self.start <= layer < self.stop
+
+    def _acts(self, run_id: str, layer: int) -> dict[str, torch.Tensor]:
+        if not self.owns(layer):
+            raise ValueError(f"layer {layer} is not held by stage [{self.start}, {self.stop})")
+        return self.store.get(run_id)["layers"][layer - self.start]
+
+    def has_run(self, run_id: str) -> bool:
+        return run_id in self.store
+
+    def vector(self, run_id: str, what: str, layer: int, pos: int, head: int | None = None,
+               source: int | None = None, neuron: int | None = None) -> torch.Tensor:
+        """A d-wide vector of a run: residual nodes, block outputs, a head, an edge, a neuron.
+
+        ``what``: ``resid_pre`` | ``resid_mid`` | ``resid_post`` | ``attn_out`` | ``mlp_out`` |
+        ``head`` (hook_result[pos, head]) | ``edge`` (part(source, head) at target pos, head None
+        = all heads) | ``neuron`` (act[pos, n] * W_out[n]).
+        """
+        acts = self._acts(run_id, layer)
+        i = layer - self.start
+        _check_pos(pos, acts["hook_resid_pre"].shape[0])
+        if what in ("resid_pre", "resid_post", "attn_out", "mlp_out"):
+            return acts[f"hook_{what}"][pos].float().cpu()
+        if what == "resid_mid":
+            key = "hook_resid_mid" if "hook_resid_mid" in acts else "hook_resid_post"
+            return acts[key][pos].float().cpu()
+        if what in ("head", "edge"):
+            H = self.W_O.shape[1]
+            heads = range(H) if head is None else [_check_index("head", head, H)]
+            v = acts["attn.hook_v"].float()
+            group = H // v.shape[1]
+            srcs = slice(0, pos + 1) if what == "head" else slice(_check_pos(source, pos + 1), source + 1)
+            out = torch.zeros(self.W_O.shape[-1])
+            for h in heads:
+                a = acts["attn.hook_pattern"][h, pos, srcs].float()
+                out += ((a[:, None] * v[srcs, h // group]).sum(0) @ self.W_O[i, h].float()).cpu()
+            return out
+        if what == "neuron":
+            n = _check_index("neuron", neuron, self.W_out.shape[1])
+            return (acts["mlp.hook_post"][pos, n].float() * self.W_out[i, n].float()).cpu()
+        raise ValueError(f"vector: unknown kind {what!r}")
+
+    def head_contributions(self, run_id: str, layer: int, target: int, norm: Norm = "l1") -> np.ndarray:
+        """``c_attn[target, :target+1, :]`` as ``[target+1, H]``."""
+        acts = self._acts(run_id, layer)
+        _check_pos(target, acts["hook_resid_pre"].shape[0])
+        la = self._layer_acts(acts, layer - self.start)
+        return target_head_contributions(la, target, norm).cpu().numpy()
+
+    def attention_maps(self, run_id: str, layer: int, head: int, norm: Norm = "l1") -> tuple[np.ndarray, np.ndarray]:
+        """A head's attention pattern and contribution map, both ``[T, T]``."""
+        acts = self._acts(run_id, layer)
+        _check_index("head", head, self.W_O.shape[1])
+        la = self._layer_acts(acts, layer - self.start)
+        return (acts["attn.hook_pattern"][head].float().cpu().numpy(),
+                head_contribution_map(la, head, norm).cpu().numpy())
+
+    def neurons(self, run_id: str, layer: int, pos: int, k: int = 20, norm: Norm = "l1") -> list[dict[str, float]]:
+        """Neurons of the FFN at ``(layer, pos)`` ranked by per-neuron contribution (SPEC 4)."""
+        acts = self._acts(run_id, layer)
+        _check_pos(pos, acts["hook_resid_pre"].shape[0])
+        i = layer - self.start
+        post = acts["hook_resid_post"][pos]
+        # Parallel blocks have no resid_mid: everything but the FFN output plays the residual.
+        rest = acts["hook_resid_mid"][pos] if "hook_resid_mid" in acts else post - acts["hook_mlp_out"][pos]
+        c = neuron_contributions(rest, post, acts["mlp.hook_post"][pos], self.W_out[i], norm)
+        top = torch.topk(c[:-1], min(k, c.numel() - 1))
+        act = acts["mlp.hook_post"][pos].float()
+        return [{"neuron": int(n), "contribution": float(w), "activation": float(act[n])}
+                for w, n in zip(top.values, top.indices)]
+
+    def project(self, vectors: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Logits of ``[n, d]`` vectors through (optionally) the final norm and the unembedding."""
+        if not self.last:
+            raise ValueError("only the last stage holds the final norm and unembedding")
+        with torch.inference_mode():
+            x = vectors.to(self.device, self.dtype)[None]
+            if normalize:
+                x = self.bridge.ln_final(x)
+            return self.bridge.unembed(x)[0].float().cpu()
+
+    def new_run_id(self) -> str:
+        return uuid.uuid4().hex
+
+
+def _row(inputs: torch.Tensor, b: int, n: int) -> torch.Tensor:
+    return inputs[b, -n:].clone()
+
+
+def _check_pos(pos: int | None, n: int) -> int:
+    if pos is None or not 0 <= int(pos) < n:
+        raise ValueError(f"position {pos} outside [0, {n - 1}]")
+    return int(pos)
+
+
+def _check_index(what: str, value: int | None, n: int) -> int:
+    if value is None or not 0 <= int(value) < n:
+        raise ValueError(f"{what} {value} outside [0, {n - 1}]")
+    return int(value)
+
+
+def _dtype(dtype: str | torch.dtype | None, config) -> torch.dtype:
+    if dtype is None:
+        return torch.float32  # fp32 by default, whatever the checkpoint stores
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _load_tokenizer(checkpoint: Checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(checkpoint.path))
