@@ -1,0 +1,233 @@
+"""The coordinator: tokenises, drives the residual through the stages, merges their edge sets.
+
+Stages are reached through ``StageClient`` objects with one narrow interface, so the same
+coordinator runs a single in-process stage, several in-process stages, or Ray actors
+(``routescope.workers.actor``). Detail queries (SPEC section 7) go to the stage that owns the
+layer; vocabulary projections go to the last stage; only small answers travel.
+"""
+
+from __future__ import annotations
+
+import threading
+import unicodedata
+import uuid
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from routescope.workers.checkpoint import Checkpoint, resolve
+from routescope.workers.contributions import Norm
+from routescope.workers.edgeset import EdgeSet
+from routescope.workers.stage import ModelInfo, RunEvictedError, Stage, load_config
+
+from .graph import FlowGraph
+from .layout import plan
+
+NORMS = ("l1", "l2")
+DEFAULT_TAU_MIN = 0.01
+
+
+class StageClient(Protocol):
+    """How the coordinator talks to one stage, wherever it runs."""
+
+    start: int
+    stop: int
+
+    def submit_forward(self, inputs: Any, lengths: list[int], run_ids: list[str], norm: str,
+                       tau_min: float) -> tuple[Any, Any]:
+        """Start the stage on ``inputs`` (ids, a residual, or a handle to one); return handles
+        to ``(residual, edge-set payloads)``."""
+
+    def fetch(self, handle: Any) -> Any:
+        """Resolve a handle returned by ``submit_forward``."""
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run a detail query method of the stage synchronously."""
+
+    def close(self) -> None: ...
+
+
+class LocalStageClient:
+    """A ``Stage`` in this process."""
+
+    def __init__(self, stage: Stage):
+        self.stage = stage
+        self.start, self.stop = stage.start, stage.stop
+
+    def submit_forward(self, inputs, lengths, run_ids, norm, tau_min):
+        return self.stage.forward(inputs, lengths, run_ids=run_ids, norm=norm, tau_min=tau_min)
+
+    def fetch(self, handle):
+        return handle
+
+    def call(self, method, *args, **kwargs):
+        return getattr(self.stage, method)(*args, **kwargs)
+
+    def close(self) -> None:
+        pass
+
+
+def validate_prompt(prompt: Any, index: int | None = None) -> str:
+    """Reject prompts no model should see: empty, non-text, control characters."""
+    where = "prompt" if index is None else f"prompt {index}"
+    if isinstance(prompt, bytes):
+        try:
+            prompt = prompt.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{where}: not valid UTF-8 (byte {exc.start})") from None
+    if not isinstance(prompt, str):
+        raise ValueError(f"{where}: must be text, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise ValueError(f"{where}: empty or whitespace only")
+    bad = [c for c in prompt if unicodedata.category(c) in ("Cc", "Cs") and c not in "\n\t\r"]
+    if bad:
+        raise ValueError(f"{where}: contains control character U+{ord(bad[0]):04X}")
+    return prompt
+
+
+class Pipeline:
+    """A model split into stages, ready to trace prompts and answer detail queries."""
+
+    def __init__(self, checkpoint: Checkpoint, clients: Sequence[StageClient], info: ModelInfo, tokenizer,
+                 *, max_tokens: int | None = None, batch_size: int = 8):
+        self.checkpoint = checkpoint
+        self.clients = list(clients)
+        self.info = info
+        self.tokenizer = tokenizer
+        self.max_tokens = min(info.n_ctx, max_tokens) if max_tokens else info.n_ctx
+        self.batch_size = batch_size
+        self._lock = threading.RLock()
+        self._runs: dict[str, dict[str, Any]] = {}
+
+    # ----------------------------------------------------------------------------- building
+    @classmethod
+    def local(cls, model: str | Checkpoint = "smollm2-135m", *, stages: int | None = None,
+              layers: str | None = None, device: str = "cpu", dtype: str | None = None,
+              max_tokens: int | None = None, cache_bytes: int = 2 * 2**30) -> "Pipeline":
+        """All stages in this process (one stage unless ``stages``/``layers`` say otherwise)."""
+        checkpoint = model if isinstance(model, Checkpoint) else resolve(model)
+        n_layers = int(load_config(checkpoint).num_hidden_layers)
+        ranges = plan(checkpoint, n_layers, stages=stages, layers=layers)
+        built = [Stage(checkpoint, a, b, device=device, dtype=dtype, cache_bytes=cache_bytes) for a, b in ranges]
+        return cls(checkpoint, [LocalStageClient(s) for s in built], built[-1].info, built[-1].tokenizer,
+                   max_tokens=max_tokens)
+
+    @property
+    def layout(self) -> list[tuple[int, int]]:
+        return [(c.start, c.stop) for c in self.clients]
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+
+    # ----------------------------------------------------------------------------- tracing
+    def tokenize(self, prompt: str, prepend_bos: bool = True) -> list[int]:
+        """Token ids of a prompt, with the model's BOS token first unless ``prepend_bos`` is off."""
+        prompt = validate_prompt(prompt)
+        ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if prepend_bos:
+            bos = self.tokenizer.bos_token_id
+            if bos is None:
+                raise ValueError("prepend_bos: this tokenizer has no BOS token; pass prepend_bos=False")
+            ids = [bos] + ids
+        if not ids:
+            raise ValueError("prompt: tokenises to nothing")
+        if len(ids) > self.max_tokens:
+            raise ValueError(
+                f"prompt: {len(ids)} tokens exceeds the limit of {self.max_tokens} "
+                f"(model context {self.info.n_ctx})"
+            )
+        return ids
+
+    def trace(self, prompts: str | Sequence[str], *, norm: Norm = "l1", tau_min: float = DEFAULT_TAU_MIN,
+              prepend_bos: bool = True) -> FlowGraph | list[FlowGraph]:
+        """Flow graphs of one prompt (a ``FlowGraph``) or several (a list, in the order given)."""
+        single = isinstance(prompts, (str, bytes))
+        items = [prompts] if single else list(prompts)
+        if not items:
+            raise ValueError("prompts: empty list")
+        if norm not in NORMS:
+            raise ValueError(f"norm: {norm!r} is not one of {', '.join(NORMS)}")
+        if not isinstance(tau_min, (int, float)) or not np.isfinite(tau_min) or not 0 < tau_min < 1:
+            raise ValueError(f"tau_min: {tau_min} must be a number in (0, 1)")
+        token_ids = [self.tokenize(validate_prompt(p, None if single else i), prepend_bos) for i, p in enumerate(items)]
+        graphs = self.trace_ids(token_ids, norm=norm, tau_min=float(tau_min), prompts=[str(p) for p in items])
+        return graphs[0] if single else graphs
+
+    def trace_ids(self, token_ids: list[list[int]], *, norm: Norm = "l1", tau_min: float = DEFAULT_TAU_MIN,
+                  prompts: list[str] | None = None) -> list[FlowGraph]:
+        """Trace tokenised prompts; batches are submitted to all stages before any result is
+        awaited, so with Ray actors several batches are in flight at once."""
+        with self._lock:
+            run_ids = [uuid.uuid4().hex for _ in token_ids]
+            pending = []
+            for b0 in range(0, len(token_ids), self.batch_size):
+                ids = token_ids[b0 : b0 + self.batch_size]
+                pending.append((b0, self._submit(ids, run_ids[b0 : b0 + len(ids)], norm, tau_min)))
+            graphs: list[FlowGraph] = []
+            for b0, handles in pending:
+                per_stage = [client.fetch(h) for client, h in zip(self.clients, handles)]
+                for j in range(len(per_stage[0])):
+                    i = b0 + j
+                    merged = EdgeSet.concatenate([EdgeSet.decode(stage[j]) for stage in per_stage])
+                    ids = token_ids[i]
+                    self._runs[run_ids[i]] = {"ids": ids, "norm": norm, "tau_min": tau_min}
+                    tokens = self.tokenizer.convert_ids_to_tokens(ids)
+                    texts = [self.tokenizer.decode([t]) for t in ids]
+                    merged.extra.update({"token_ids": ids, "tokens": texts, "raw_tokens": tokens,
+                                         "prompt": None if prompts is None else prompts[i],
+                                         "model_info": self.info.to_dict()})
+                    graphs.append(FlowGraph(merged, backend=self, run_id=run_ids[i]))
+            return graphs
+
+    def _submit(self, batch_ids: list[list[int]], run_ids: list[str], norm: str, tau_min: float) -> list[Any]:
+        """Left-pad a batch and chain it through the stages; return each stage's payload handle."""
+        n = max(len(x) for x in batch_ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        inputs = torch.tensor([[pad] * (n - len(x)) + list(x) for x in batch_ids], dtype=torch.long)
+        lengths = [len(x) for x in batch_ids]
+        x: Any = inputs
+        handles = []
+        for client in self.clients:
+            x, payloads = client.submit_forward(x, lengths, run_ids, norm, tau_min)
+            handles.append(payloads)
+        return handles
+
+    # ----------------------------------------------------------------------------- details
+    def owner(self, layer: int) -> StageClient:
+        for c in self.clients:
+            if c.start <= layer < c.stop:
+                return c
+        raise ValueError(f"layer {layer} outside [0, {self.info.n_layers - 1}]")
+
+    def ask(self, run_id: str, layer: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call a detail method on the stage owning ``layer``; recompute the run if evicted."""
+        client = self.owner(layer)
+        try:
+            return client.call(method, run_id, *args, **kwargs)
+        except Exception as exc:
+            if not _is_evicted(exc):
+                raise
+        self._recompute(run_id)
+        return client.call(method, run_id, *args, **kwargs)
+
+    def _recompute(self, run_id: str) -> None:
+        run = self._runs.get(run_id)
+        if run is None:
+            raise RunEvictedError(f"run {run_id} is unknown to this pipeline; trace the prompt again")
+        with self._lock:
+            handles = self._submit([run["ids"]], [run_id], run["norm"], run["tau_min"])
+            for client, h in zip(self.clients, handles):
+                client.fetch(h)
+
+    def project(self, vectors: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Vocabulary logits of ``[n, d]`` vectors, computed by the last stage."""
+        return self.clients[-1].call("project", vectors, normalize)
+
+
+def _is_evicted(exc: BaseException) -> bool:
+    if isinstance(exc, RunEvictedError):
+        return True
+    cause = getattr(exc, "cause", None)  # Ray wraps remote exceptions
+    return isinstance(cause, RunEvictedError) or "RunEvictedError" in type(exc).__name__
