@@ -1,0 +1,179 @@
+"""The stage engine against SPEC: invariants, a naive dense reference, stage splits, batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import naive_alti
+from routescope.cluster.pipeline import Pipeline
+from routescope.workers.checkpoint import Checkpoint
+from routescope.workers.edgeset import EdgeSet
+
+PROMPTS = {
+    5: "The capital of",
+    17: "She sold sea shells by the sea shore, and the quick fox",
+    40: "def add(a, b): return a + b\nfor i in range(10): print(i * i) # squares of the numbers, "
+        "then The capital of Italy is Rome.",
+}
+
+
+def dense(es: EdgeSet, layer: int) -> np.ndarray:
+    """Per-head parts of one layer as a dense [T, T, H] array (zeros below tau_min)."""
+    out = np.zeros((es.n_tokens, es.n_tokens, es.n_heads))
+    m = es.head_layer == layer
+    out[es.head_target[m], es.head_source[m], es.head_head[m]] = es.head_weight[m]
+    return out
+
+
+def engine_edges(pipe: Pipeline, ids: list[int], norm: str) -> EdgeSet:
+    return pipe.trace_ids([ids], norm=norm)[0].edges
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dirs):
+    """For every tiny architecture: (in-process pipeline, naive full-model bridge)."""
+    return {arch: (Pipeline.local(Checkpoint(path, arch)), naive_alti.full_bridge(path))
+            for arch, path in tiny_dirs.items()}
+
+
+def _token_ids(pipe: Pipeline, n: int) -> list[int]:
+    text = PROMPTS[max(k for k in PROMPTS if k <= n)] * 3
+    ids = pipe.tokenize(text)
+    assert len(ids) >= n
+    return ids[:n]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "opt", "neox"])
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+@pytest.mark.parametrize("n_tokens", [5, 17, 40])
+def test_engine_matches_naive_dense_reference(tiny, arch, norm, n_tokens):
+    pipe, bridge = tiny[arch]
+    ids = _token_ids(pipe, n_tokens)
+    es = engine_edges(pipe, ids, norm)
+    cache = naive_alti.capture(bridge, ids)
+    for l in range(es.n_layers):
+        c_attn, c_res, c_mlp, c_ffn, c_res_ffn = naive_alti.layer(bridge, cache, l, norm)
+        kept = np.where(c_attn >= es.tau_min, c_attn, 0.0)
+        # A part right at tau_min may fall either side in fp32; compare away from the edge.
+        edge = np.abs(c_attn - es.tau_min) < 1e-5
+        assert np.abs(np.where(edge, 0, dense(es, l) - kept)).max() <= 1e-5
+        assert np.abs(es.res_attn[l] - c_res).max() <= 1e-5
+        if c_mlp is not None:
+            assert es.parallel and np.abs(es.ffn[l] - c_mlp).max() <= 1e-5
+        else:
+            assert np.abs(es.ffn[l] - c_ffn).max() <= 1e-5
+            assert np.abs(es.res_ffn[l] - c_res_ffn).max() <= 1e-5
+        summed = c_attn.sum(-1)
+        m = es.edge_layer == l
+        got = np.zeros_like(summed)
+        got[es.edge_target[m], es.edge_source[m]] = es.edge_weight[m]
+        want = np.where(summed >= es.tau_min, summed, 0)
+        edge = np.abs(summed - es.tau_min) < 1e-5
+        assert np.abs(np.where(edge, 0, got - want)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "opt", "neox"])
+def test_attention_parts_reconstruct_block_output(tiny, arch):
+    """sum_{s,h} part == attn_out - b_O and sum_s part(s,h) == hook_result[:, h] (SPEC 3)."""
+    pipe, bridge = tiny[arch]
+    ids = _token_ids(pipe, 17)
+    cache = naive_alti.capture(bridge, ids)
+    for l in range(bridge.cfg.n_layers):
+        total, per_head = naive_alti.parts_sum(bridge, cache, l)
+        try:
+            b_O = bridge.b_O[l].detach().double()
+        except AttributeError:  # bias-free attention (Llama)
+            b_O = torch.zeros(total.shape[-1], dtype=torch.float64)
+        attn_out = cache[f"blocks.{l}.hook_attn_out"]
+        scale = attn_out.abs().max()
+        assert (total - (attn_out - b_O)).abs().max() <= 1e-4 * scale
+        result = cache.get(f"blocks.{l}.attn.hook_result")
+        if result is None:  # the model's own per-head outputs, before the O projection
+            result = torch.einsum("the,hed->thd", cache[f"blocks.{l}.attn.hook_z"], bridge.W_O[l].detach().double())
+        assert (per_head - result).abs().max() <= 1e-4 * result.abs().max()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox"])
+def test_contributions_of_every_whole_sum_to_one(tiny, arch):
+    pipe, _ = tiny[arch]
+    g = pipe.trace_ids([_token_ids(pipe, 17)])[0]
+    for l in range(g.n_layers):
+        for t in range(g.n_tokens):
+            heads = g.head_contributions(l, t)  # exact dense [t+1, H]
+            total = heads.sum() + g.edges.res_attn[l, t] + (g.edges.ffn[l, t] if g.parallel else 0)
+            assert abs(total - 1) < 1e-5
+            assert np.all(heads >= 0)
+    if not g.parallel:
+        assert np.allclose(g.edges.ffn + g.edges.res_ffn, 1, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "neox"])
+def test_renormalized_nodes_sum_to_one(tiny, arch):
+    from routescope.cluster.routes import FFN_IN, RES_FFN
+
+    pipe, _ = tiny[arch]
+    g = pipe.trace_ids([_token_ids(pipe, 40)])[0]
+    for tau in (0.02, 0.04, 0.08):
+        e = g.graph_edges(tau, "renormalize")
+        incoming = e.kind != FFN_IN  # A->M carries the same weight as M->I: count one of them
+        _, dst = e.node_names()
+        sums: dict[str, float] = {}
+        for name, w, keep in zip(dst, e.weight, incoming):
+            if keep:
+                sums[name] = sums.get(name, 0.0) + float(w)
+        assert sums and all(abs(s - 1) < 1e-5 for s in sums.values())
+        assert not g.parallel or not np.any(e.kind == RES_FFN)
+
+
+@pytest.mark.parametrize("arch", ["llama", "neox"])
+def test_stage_splits_give_identical_contributions_and_routes(tiny_dirs, tiny, arch):
+    one, _ = tiny[arch]
+    ids = _token_ids(one, 17)
+    ref = one.trace_ids([ids])[0]
+    for layout in ("0-1,2-3", "0-0,1-2,3-3"):
+        split = Pipeline.local(Checkpoint(tiny_dirs[arch], arch), layers=layout)
+        assert len(split.layout) == layout.count(",") + 1
+        g = split.trace_ids([ids])[0]
+        for name in ("head_weight", "edge_weight", "res_attn", "ffn", "res_ffn", "head_source", "head_head"):
+            assert np.array_equal(getattr(g.edges, name), getattr(ref.edges, name)), name
+        for tau in (0.02, 0.05):
+            a, b = g.route(tau, targets="all"), ref.route(tau, targets="all")
+            assert a.records() == b.records()
+
+
+def test_batch_with_padding_equals_single_prompts(tiny):
+    pipe, _ = tiny["llama"]
+    prompts = [PROMPTS[5], PROMPTS[17], "Water boils"]
+    batch = pipe.trace(prompts)
+    for p, g in zip(prompts, batch):
+        alone = pipe.trace(p)
+        assert g.n_tokens == alone.n_tokens
+        for name in ("head_target", "head_source", "head_head"):
+            assert np.array_equal(getattr(g.edges, name), getattr(alone.edges, name))
+        assert np.abs(g.edges.head_weight - alone.edges.head_weight).max() <= 1e-5
+        assert np.abs(g.edges.res_attn - alone.edges.res_attn).max() <= 1e-5
+
+
+def test_chunking_does_not_change_results(tiny_dirs, tiny):
+    pipe, _ = tiny["gpt2"]
+    ids = _token_ids(pipe, 40)
+    ref = pipe.trace_ids([ids])[0].edges
+    small = Pipeline.local(Checkpoint(tiny_dirs["gpt2"], "gpt2"))
+    for client in small.clients:
+        client.stage.chunk_bytes = 4096  # forces one-target chunks and many correction batches
+    got = small.trace_ids([ids])[0].edges
+    assert np.array_equal(got.head_source, ref.head_source)
+    assert np.abs(got.head_weight - ref.head_weight).max() <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_models_keep_contributions_normalised(tiny_dirs, dtype):
+    pipe = Pipeline.local(Checkpoint(tiny_dirs["llama"], "llama"), dtype=dtype)
+    g = pipe.trace("The capital of France is")
+    assert g.edges.head_weight.dtype == np.float32
+    assert np.allclose(g.edges.ffn + g.edges.res_ffn, 1, atol=1e-5)
+    for t in range(g.n_tokens):
+        assert abs(g.head_contributions(2, t).sum() + g.edges.res_attn[2, t] - 1) < 1e-4
+    assert len(g.route(0.04)) > 0
