@@ -88,7 +88,11 @@ def _targets(text: str | None, n_tokens: int):
 
 def cmd_trace(args: argparse.Namespace) -> int:
     import routescope
+    from routescope.cluster.pipeline import validate_prompt
+    from routescope.cluster.routes import check_tau
 
+    validate_prompt(args.prompt)  # fail before loading a model
+    check_tau(args.tau, args.tau_min)
     graph = routescope.trace(
         args.model, args.prompt, tau_min=args.tau_min, norm=args.norm, prepend_bos=not args.no_bos,
         stages=args.stages, layers=args.layers, address=args.address, gpus_per_stage=args.gpus_per_stage,
