@@ -1,0 +1,105 @@
+"""Helpers for the viewer's browser tests: in-process server, headless Debian Chromium, BokehJS geometry."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+from typing import Any
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chromium_path() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def start_server(cfg, registry, port: int | None = None):
+    """Serve the viewer in this process on 127.0.0.1; returns ``(server_thread, url)``."""
+    from routescope.viewer.server import serve
+
+    port = port or free_port()
+    server = serve(cfg, host="127.0.0.1", port=port, registry=registry, threaded=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.1)
+    return server, f"http://127.0.0.1:{port}/"
+
+
+def stop_server(server) -> None:
+    try:
+        server.stop()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def wait_idle(page, timeout: float = 30_000) -> None:
+    page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle",
+                           timeout=timeout)
+
+
+def wait_for(page, js: str, timeout: float = 60_000, arg: Any = None):
+    return page.wait_for_function(js, arg=arg, timeout=timeout, polling=50)
+
+
+# Shadow-DOM-piercing query for a selector, used inside page.evaluate.
+DEEP = """const deepAll = (sel, root = document) => {
+  const out = [...root.querySelectorAll(sel)];
+  for (const el of root.querySelectorAll('*')) if (el.shadowRoot) out.push(...deepAll(sel, el.shadowRoot));
+  return out; };"""
+
+
+def deep_eval(page, body: str, arg: Any = None):
+    """Evaluate ``body`` (statements using ``deepAll`` and ``arg``, ending in a return)."""
+    return page.evaluate("(arg) => { " + DEEP + body + " }", arg)
+
+
+def status(page) -> dict:
+    """The status line's data attributes."""
+    return deep_eval(page, """const el = deepAll('.rs-status')[0];
+        return el ? Object.assign({text: el.textContent}, el.dataset) : {};""")
+
+
+
+
+def rows(page, selector: str) -> list[dict]:
+    """``data-*`` attributes of every ``tr`` under ``selector`` (shadow DOM pierced)."""
+    return deep_eval(page, "return deepAll(arg + ' tbody tr').map(r => Object.assign({}, r.dataset));", selector)
+
+
+def edge_count(page) -> int:
+    return page.evaluate("""() => { const m = Bokeh.documents[0].get_model_by_name('rs-edges');
+                                    return m ? m.data.src.length : -1; }""")
+
+
+def data_to_page(page, x: float, y: float) -> tuple[float, float]:
+    """Page pixel of data point ``(x, y)`` of the graph figure, through BokehJS's scales."""
+    return tuple(page.evaluate("""([x, y]) => {
+        const v = Bokeh.index.query_one(v => v.model.name === 'rs-graph' && v.frame != null);
+        const r = v.canvas_view.el.getBoundingClientRect();
+        return [r.left + v.frame.x_scale.compute(x), r.top + v.frame.y_scale.compute(y)];
+    }""", [x, y]))
+
+
+def click_data(page, x: float, y: float) -> None:
+    px, py = data_to_page(page, x, y)
+    page.mouse.click(px, py)
+
+
+def launch(playwright):
+    exe = chromium_path()
+    if exe is None:
+        import pytest
+
+        pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
+    return playwright.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, headless=True)

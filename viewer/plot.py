@@ -1,0 +1,328 @@
+"""Bokeh figures of flow graphs, built by pure functions (testable without a browser).
+
+Layout: tokens left to right (x = position), layers bottom to top. The residual entering layer
+``l`` (``X0`` or ``I{l-1}``) sits at ``y = 2l``, ``A{l}`` at ``2l + 1``, ``I{l}`` at ``2l + 2``;
+the FFN block ``M{l}`` sits beside its position at ``(t + 0.3, 2l + 1.5)``. Parallel blocks
+(no ``A`` node) draw attention straight into ``I{l}`` and ``M{l}`` at ``(t + 0.3, 2l + 1)``.
+Only the route's edges and nodes are drawn. Edges are one ``multi_line``, nodes one ``scatter``;
+highlights are separate renderers; clicks are hit-tested on the server (:func:`hit_test`).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from routescope.cluster.routes import ATTN, FFN_IN, FFN_OUT, KIND_NAMES, RES_ATTN, RES_FFN, Edges, parse_node
+
+FFN_DX = 0.3
+KIND_LABEL = {ATTN: "attention", RES_ATTN: "residual", FFN_IN: "FFN in", FFN_OUT: "FFN out", RES_FFN: "residual"}
+# attention edges blue, FFN edges orange, residual edges grey; darker = heavier
+_PALETTES = {
+    "attn": ("#c6dbef", "#08306b"),
+    "ffn": ("#fdd0a2", "#7f2704"),
+    "res": ("#d9d9d9", "#252525"),
+}
+
+
+def display_token(tok: str) -> str:
+    """A token label with whitespace made visible."""
+    return (tok.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5").replace("\r", "\u240d")
+            or "\u2205")
+
+
+def node_xy(name: str, parallel: bool = False) -> tuple[float, float]:
+    kind, layer, pos = parse_node(name)
+    if kind == "X":
+        return float(pos), 0.0
+    if kind == "A":
+        return float(pos), 2.0 * layer + 1
+    if kind == "I":
+        return float(pos), 2.0 * layer + 2
+    return pos + FFN_DX, 2.0 * layer + (1.0 if parallel else 1.5)  # M
+
+
+def _mix(a: str, b: str, t: float) -> str:
+    ca = [int(a[i : i + 2], 16) for i in (1, 3, 5)]
+    cb = [int(b[i : i + 2], 16) for i in (1, 3, 5)]
+    return "#" + "".join(f"{int(round(x + (y - x) * t)):02x}" for x, y in zip(ca, cb))
+
+
+def edge_color(kind: int, weight: float) -> str:
+    group = "attn" if kind == ATTN else "ffn" if kind in (FFN_IN, FFN_OUT) else "res"
+    lo, hi = _PALETTES[group]
+    return _mix(lo, hi, 0.25 + 0.75 * min(max(float(weight), 0.0), 1.0))
+
+
+def edge_width(weight: float) -> float:
+    return 1.0 + 7.0 * min(max(float(weight), 0.0), 1.0)
+
+
+@dataclass
+class GraphLayout:
+    """Everything the graph figure draws, as plain columns."""
+
+    n_layers: int
+    n_tokens: int
+    parallel: bool
+    tokens: list[str]
+    edges: dict[str, list] = field(default_factory=dict)
+    nodes: dict[str, list] = field(default_factory=dict)
+    targets: dict[str, list] = field(default_factory=dict)
+    x0: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    y0: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    x1: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    y1: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def n_edges(self) -> int:
+        return len(self.edges.get("src", []))
+
+    @property
+    def top_y(self) -> float:
+        return 2.0 * self.n_layers + 1.2
+
+
+def build_layout(edges: Edges, tokens: Sequence[str], n_layers: int, targets: Iterable[int]) -> GraphLayout:
+    """Columns for the route ``edges`` of a graph with ``tokens`` and ``n_layers`` layers."""
+    parallel = bool(edges.parallel)
+    src, dst = edges.node_names()
+    n = len(src)
+    x0 = np.zeros(n)
+    y0 = np.zeros(n)
+    x1 = np.zeros(n)
+    y1 = np.zeros(n)
+    for i, (a, b) in enumerate(zip(src, dst)):
+        x0[i], y0[i] = node_xy(a, parallel)
+        x1[i], y1[i] = node_xy(b, parallel)
+    kinds = [int(k) for k in edges.kind]
+    weights = [float(w) for w in edges.weight]
+    edge_cols = {
+        "xs": [[float(a), float(b)] for a, b in zip(x0, x1)],
+        "ys": [[float(a), float(b)] for a, b in zip(y0, y1)],
+        "src": src, "dst": dst,
+        "weight": weights,
+        "weight_text": [f"{w:.6f}" for w in weights],
+        "kind": [KIND_NAMES[k] for k in kinds],
+        "kind_label": [KIND_LABEL[k] for k in kinds],
+        "layer": [int(l) for l in edges.layer],
+        "color": [edge_color(k, w) for k, w in zip(kinds, weights)],
+        "width": [edge_width(w) for w in weights],
+        "alpha": [0.35 + 0.6 * min(w, 1.0) for w in weights],
+    }
+    # nodes on the route (plus the traced output nodes), with their summed incoming weight
+    incoming: dict[str, float] = {}
+    for b, w in zip(dst, weights):
+        incoming[b] = incoming.get(b, 0.0) + w
+    names = list(dict.fromkeys(list(src) + list(dst) + [f"I{n_layers - 1}_{t}" for t in targets]))
+    nx, ny, kind, marker, color, size, tok, label = [], [], [], [], [], [], [], []
+    for name in names:
+        k, layer, pos = parse_node(name)
+        x, y = node_xy(name, parallel)
+        nx.append(x)
+        ny.append(y)
+        kind.append(k)
+        is_block = k == "M"
+        marker.append("square" if is_block else "circle")
+        color.append("#f16913" if is_block else "#6baed6" if k == "A" else "#525252")
+        size.append(11 if is_block else 9)
+        tok.append(display_token(tokens[pos]))
+        label.append({"X": "embedding", "A": f"after attention L{layer}", "I": f"after layer L{layer}",
+                      "M": f"FFN block L{layer}"}[k])
+    node_cols = {"x": nx, "y": ny, "name": names, "kind": kind, "marker": marker, "color": color, "size": size,
+                 "token": tok, "label": label,
+                 "incoming": [f"{incoming.get(n_, 0.0):.6f}" for n_ in names]}
+    tset = set(int(t) for t in targets)
+    n_tok = len(tokens)
+    top = 2.0 * n_layers + 1.2
+    target_cols = {"x": [float(i) for i in range(n_tok)], "y": [top] * n_tok,
+                   "pos": list(range(n_tok)), "token": [display_token(t) for t in tokens],
+                   "color": ["#d62728" if i in tset else "#bdbdbd" for i in range(n_tok)],
+                   "traced": ["yes" if i in tset else "no" for i in range(n_tok)]}
+    return GraphLayout(n_layers, n_tok, parallel, list(tokens), edge_cols, node_cols, target_cols, x0, y0, x1, y1)
+
+
+# --------------------------------------------------------------------------------- hit testing
+def _seg_dist(px: float, py: float, x0, y0, x1, y1) -> np.ndarray:
+    dx, dy = x1 - x0, y1 - y0
+    L2 = dx * dx + dy * dy
+    t = np.where(L2 > 0, ((px - x0) * dx + (py - y0) * dy) / np.where(L2 > 0, L2, 1), 0.0)
+    t = np.clip(t, 0.0, 1.0)
+    return np.hypot(x0 + t * dx - px, y0 + t * dy - py)
+
+
+def hit_test(layout: GraphLayout, x: float, y: float, px_per_x: float, px_per_y: float,
+             node_px: float = 9.0, edge_px: float = 6.0) -> tuple[str, Any] | None:
+    """What a click at data point ``(x, y)`` hits, measured in screen pixels.
+
+    Returns ``("target", pos)``, ``("node", name)``, ``("edge", index)`` or ``None``; markers
+    and nodes win over edges, the nearest within tolerance wins.
+    """
+    sx, sy = x * px_per_x, y * px_per_y
+    tx = np.asarray(layout.targets.get("x", []), float)
+    if tx.size:
+        ty = np.asarray(layout.targets["y"], float)
+        d = np.hypot(tx * px_per_x - sx, ty * px_per_y - sy)
+        i = int(np.argmin(d))
+        if d[i] <= node_px + 2:
+            return ("target", int(layout.targets["pos"][i]))
+    nxs = np.asarray(layout.nodes.get("x", []), float)
+    if nxs.size:
+        nys = np.asarray(layout.nodes["y"], float)
+        d = np.hypot(nxs * px_per_x - sx, nys * px_per_y - sy)
+        i = int(np.argmin(d))
+        if d[i] <= node_px:
+            return ("node", layout.nodes["name"][i])
+    if layout.n_edges:
+        d = _seg_dist(sx, sy, layout.x0 * px_per_x, layout.y0 * px_per_y, layout.x1 * px_per_x, layout.y1 * px_per_y)
+        i = int(np.argmin(d))
+        if d[i] <= edge_px:
+            return ("edge", i)
+    return None
+
+
+# --------------------------------------------------------------------------------- figures
+def graph_figure(layout: GraphLayout, backend: str = "canvas", height: int | None = None, width: int | None = None):
+    """The route figure plus its data sources (edges, nodes, targets, highlight sources)."""
+    from bokeh.models import ColumnDataSource, HoverTool, Range1d
+    from bokeh.plotting import figure
+
+    n_tok, n_layers = layout.n_tokens, layout.n_layers
+    height = height or int(min(900, max(420, 26 * n_layers + 120)))
+    x_span = max(n_tok, 2)
+    fig = figure(name="rs-graph", height=height, sizing_mode="stretch_width", output_backend=backend,
+                 tools="pan,wheel_zoom,box_zoom,reset,save", active_scroll="wheel_zoom",
+                 x_range=Range1d(-0.7, x_span - 0.3 if n_tok <= 40 else 39.3, bounds=(-1, x_span + 1)),
+                 y_range=Range1d(-0.8, layout.top_y + 0.8, bounds=(-1.5, layout.top_y + 1.5)),
+                 toolbar_location="above")
+    if width:
+        fig.width = width
+    sources = {
+        "edges": ColumnDataSource(layout.edges, name="rs-edges"),
+        "nodes": ColumnDataSource(layout.nodes, name="rs-nodes"),
+        "targets": ColumnDataSource(layout.targets, name="rs-targets"),
+        "hl_edges": ColumnDataSource({"xs": [], "ys": []}, name="rs-hl-edges"),
+        "hl_nodes": ColumnDataSource({"x": [], "y": [], "marker": []}, name="rs-hl-nodes"),
+    }
+    e = fig.multi_line("xs", "ys", source=sources["edges"], line_color="color", line_width="width",
+                       line_alpha="alpha", name="rs-edge-renderer")
+    fig.multi_line("xs", "ys", source=sources["hl_edges"], line_color="#d62728", line_width=4, line_alpha=0.9)
+    nodes = fig.scatter("x", "y", source=sources["nodes"], marker="marker", size="size", fill_color="color",
+                        line_color="white", name="rs-node-renderer")
+    fig.scatter("x", "y", source=sources["hl_nodes"], marker="marker", size=17, fill_alpha=0,
+                line_color="#d62728", line_width=3)
+    tg = fig.scatter("x", "y", source=sources["targets"], marker="inverted_triangle", size=13,
+                     fill_color="color", line_color="white", name="rs-target-renderer")
+    fig.add_tools(HoverTool(renderers=[e], tooltips=[("edge", "@src \u2192 @dst"), ("kind", "@kind_label"),
+                                                     ("weight", "@weight_text")], line_policy="nearest"))
+    fig.add_tools(HoverTool(renderers=[nodes], tooltips=[("node", "@name"), ("", "@label"), ("token", "@token"),
+                                                         ("incoming weight", "@incoming")]))
+    fig.add_tools(HoverTool(renderers=[tg], tooltips=[("trace position", "@pos"), ("token", "@token"),
+                                                      ("traced", "@traced")]))
+    fig.xaxis.ticker = list(range(n_tok))
+    fig.xaxis.major_label_overrides = {i: display_token(t) for i, t in enumerate(layout.tokens)}
+    fig.xaxis.major_label_orientation = math.pi / 4 if n_tok > 12 else 0
+    fig.xaxis.major_label_text_font_size = "11pt"
+    y_ticks = [0.0] + [2.0 * l + 1 for l in range(n_layers)]
+    fig.yaxis.ticker = y_ticks
+    fig.yaxis.major_label_overrides = {0: "emb", **{2 * l + 1: f"L{l}" for l in range(n_layers)}}
+    fig.xgrid.visible = False
+    fig.ygrid.grid_line_alpha = 0.25
+    fig.toolbar.logo = None
+    return fig, sources
+
+
+def heatmap_figure(matrix: np.ndarray, title: str, x_label: str, y_label: str, name: str,
+                   x_ticks: Sequence[str] | None = None, y_ticks: Sequence[str] | None = None,
+                   palette: str = "Viridis256", height: int = 300, width: int = 320):
+    """A heatmap (rows bottom to top = index 0 up) with exact values in the hover."""
+    from bokeh.models import ColumnDataSource, HoverTool, LinearColorMapper
+    from bokeh.plotting import figure
+
+    m = np.asarray(matrix, float)
+    rows, cols = m.shape
+    ys, xs = np.mgrid[0:rows, 0:cols]
+    src = ColumnDataSource({"x": xs.ravel(), "y": ys.ravel(), "v": m.ravel(),
+                            "v_text": [f"{v:.4f}" for v in m.ravel()]}, name=name + "-src")
+    vmax = float(np.nanmax(m)) if m.size and np.isfinite(np.nanmax(m)) else 1.0
+    mapper = LinearColorMapper(palette=palette, low=0.0, high=max(vmax, 1e-9))
+    fig = figure(name=name, title=title, height=height, width=width, tools="hover,save,reset,pan,wheel_zoom",
+                 x_range=(-0.5, cols - 0.5), y_range=(-0.5, rows - 0.5), toolbar_location="above")
+    fig.rect("x", "y", 1, 1, source=src, fill_color={"field": "v", "transform": mapper}, line_color=None)
+    fig.select_one(HoverTool).tooltips = [(x_label, "@x"), (y_label, "@y"), ("value", "@v_text")]
+    fig.xaxis.axis_label = x_label
+    fig.yaxis.axis_label = y_label
+    if x_ticks is not None and len(x_ticks) <= 40:
+        fig.xaxis.ticker = list(range(cols))
+        fig.xaxis.major_label_overrides = {i: t for i, t in enumerate(x_ticks)}
+        fig.xaxis.major_label_orientation = math.pi / 3
+    if y_ticks is not None and len(y_ticks) <= 40:
+        fig.yaxis.ticker = list(range(rows))
+        fig.yaxis.major_label_overrides = {i: t for i, t in enumerate(y_ticks)}
+    fig.grid.visible = False
+    fig.toolbar.logo = None
+    return fig
+
+
+# --------------------------------------------------------------------------------- export
+def route_svg(layout: GraphLayout, px_x: float = 60.0, px_y: float = 22.0, margin: float = 50.0) -> str:
+    """A standalone SVG drawing of the route (edges, nodes, token labels)."""
+    w = margin * 2 + px_x * max(layout.n_tokens, 1)
+    h = margin * 2 + px_y * (layout.top_y + 1)
+
+    def X(x: float) -> float:
+        return margin + px_x * (x + 0.5)
+
+    def Y(y: float) -> float:
+        return h - margin - px_y * (y + 0.5)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w:.0f}" height="{h:.0f}" viewBox="0 0 {w:.0f} {h:.0f}">',
+           '<rect width="100%" height="100%" fill="white"/>']
+    e = layout.edges
+    for i in range(layout.n_edges):
+        out.append(f'<line x1="{X(layout.x0[i]):.1f}" y1="{Y(layout.y0[i]):.1f}" x2="{X(layout.x1[i]):.1f}" '
+                   f'y2="{Y(layout.y1[i]):.1f}" stroke="{e["color"][i]}" stroke-width="{e["width"][i]:.2f}" '
+                   f'stroke-opacity="{e["alpha"][i]:.2f}"><title>{html.escape(e["src"][i])} -&gt; '
+                   f'{html.escape(e["dst"][i])} {e["weight"][i]:.6f}</title></line>')
+    nd = layout.nodes
+    for x, y, name, color, marker in zip(nd.get("x", []), nd.get("y", []), nd.get("name", []), nd.get("color", []),
+                                         nd.get("marker", [])):
+        if marker == "square":
+            out.append(f'<rect x="{X(x) - 5:.1f}" y="{Y(y) - 5:.1f}" width="10" height="10" fill="{color}">'
+                       f'<title>{name}</title></rect>')
+        else:
+            out.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="4.5" fill="{color}"><title>{name}</title></circle>')
+    for i, tok in enumerate(layout.tokens):
+        out.append(f'<text x="{X(i):.1f}" y="{h - margin / 3:.1f}" font-size="12" text-anchor="middle" '
+                   f'font-family="sans-serif">{html.escape(display_token(tok))}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------- dataset level
+def head_importance(graphs: Sequence[Any], tau: float = 0.04, mode: str = "renormalize") -> np.ndarray:
+    """``[L, H]`` share of graphs where head ``(l, h)`` has a part ``> tau`` on an attention edge of
+    the last position's route (SPEC section 8)."""
+    if not graphs:
+        return np.zeros((0, 0))
+    n_layers = max(g.n_layers for g in graphs)
+    n_heads = max(g.n_heads for g in graphs)
+    counts = np.zeros((n_layers, n_heads))
+    for g in graphs:
+        r = g.route(tau, mode)
+        hit = np.zeros((n_layers, n_heads), bool)
+        attn = r.kind == ATTN
+        if attn.any():
+            es = g.edges
+            keys = set(zip(r.layer[attn].tolist(), r.target[attn].tolist(), r.source[attn].tolist()))
+            big = es.head_weight > tau
+            for l, t, s, h in zip(es.head_layer[big].tolist(), es.head_target[big].tolist(),
+                                  es.head_source[big].tolist(), es.head_head[big].tolist()):
+                if (l, t, s) in keys:
+                    hit[l, h] = True
+        counts += hit
+    return counts / len(graphs)
