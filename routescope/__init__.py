@@ -71,3 +71,28 @@ def __getattr__(name: str):
 
 
 __all__ = ["load", "trace", "FlowGraph", "Pipeline", "EdgeSet", "DEFAULT_MODEL", "__version__"]
+
+
+def submit(dataset, results, **options: Any):
+    """Submit a dataset job to a Ray cluster (Job Submission API); returns a ``JobHandle``.
+
+    See ``routescope.cluster.submit.submit`` for the options (``address``, ``model``, ``stages``,
+    ``tau_min``, ``positions``, ``runtime_env``, ``wait``, ...).
+    """
+    from routescope.cluster.submit import submit as _submit
+
+    return _submit(dataset, results, **options)
+
+
+def run_job(dataset, results, **options: Any):
+    """Run a dataset job in this process (small cases); returns the results (``Results``)."""
+    from routescope.cluster.jobs import run_job as _run_job
+
+    return _run_job(dataset, results, **options)
+
+
+def open_results(path):
+    """Open a results directory of a dataset job (``routescope.cluster.stats.Results``)."""
+    from routescope.cluster.stats import Results
+
+    return Results(path)

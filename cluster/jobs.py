@@ -1,0 +1,640 @@
+"""Dataset jobs: trace every prompt of a dataset and write per-prompt results, resumably.
+
+A job reads a dataset (text: one prompt a line; JSONL with a ``prompt`` field; CSV with a
+column), runs its prompts through a pipeline with several in flight, and writes under the
+results directory::
+
+    manifest.json            model, weights hash, options, routescope version, dataset hash, counts
+    prompts/<index:06d>.msgpack
+                             the full edge set of one prompt (``FlowGraph.save``); its ``extra``
+                             holds the prompt, its index/line, the route summary and the
+                             per-head previous-token attention sums (see ``cluster.stats``)
+    failed.json              prompts of the latest run that could not be traced, with reasons
+
+Every file is written atomically (``storage.atomic_write``): a prompt's file is complete or
+absent. A rerun on the same results directory skips the prompts whose files exist, so a job
+killed at any point and started again ends with every prompt exactly once. A rerun with a
+different dataset, model or analysis options is refused rather than mixed in.
+
+``index`` is the record number in the dataset file (0-based line for text/JSONL, 0-based data
+row for CSV); blank lines are skipped, so indexes of a text file are its line numbers minus one.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .storage import atomic_write
+
+SCHEMA = "routescope.job-results"
+SCHEMA_VERSION = 1
+MAX_PROMPT_CHARS = 20_000
+MAX_DATASET_BYTES = 2 << 30
+POSITIONS = ("last", "all")
+MODES = ("renormalize", "plain")
+NORMS = ("l1", "l2")
+# Options that must match for a rerun to resume into existing results.
+_RESUME_KEYS = ("tau_min", "norm", "positions", "prepend_bos", "tau", "mode", "column", "attention")
+
+
+# ================================================================================= datasets
+@dataclass
+class Record:
+    """One record of a dataset: its index, line, and the prompt text or why it is unusable."""
+
+    index: int
+    line: int
+    text: str | None
+    error: str | None = None
+
+
+@dataclass
+class Dataset:
+    path: Path
+    format: str
+    sha256: str
+    size: int
+    records: list[Record]
+
+    @property
+    def valid(self) -> list[Record]:
+        return [r for r in self.records if r.error is None]
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": str(self.path), "format": self.format, "sha256": self.sha256, "bytes": self.size,
+                "n_records": len(self.records), "n_invalid": sum(r.error is not None for r in self.records)}
+
+
+def _format_of(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    return "text"
+
+
+def _check_text(text: str, where: str, max_chars: int) -> str | None:
+    """Why ``text`` cannot be a prompt (None when it can)."""
+    from routescope.cluster.pipeline import validate_prompt
+
+    if any("\udc80" <= c <= "\udcff" for c in text):  # surrogate-escaped bytes: not UTF-8
+        raw = text.encode("utf-8", "surrogateescape")
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return f"{where}: not valid UTF-8 (byte {exc.start})"
+    if len(text) > max_chars:
+        return f"{where}: {len(text)} characters exceeds the limit of {max_chars}"
+    try:
+        validate_prompt(text)
+    except ValueError as exc:
+        return f"{where}: {str(exc).removeprefix('prompt: ')}"
+    return None
+
+
+def read_dataset(path: str | os.PathLike, column: str = "prompt", *, max_chars: int = MAX_PROMPT_CHARS,
+                 format: str | None = None) -> Dataset:
+    """Read a dataset file. Unusable records (bad UTF-8, too long, control characters, a JSON
+    line without the field) are kept with an ``error``; a missing, unreadable or empty dataset
+    raises (``FileNotFoundError`` / ``ValueError``)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"dataset {path} is not a file")
+    size = path.stat().st_size
+    if size > MAX_DATASET_BYTES:
+        raise ValueError(f"dataset {path}: {size} bytes exceeds the limit of {MAX_DATASET_BYTES}")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"dataset {path} cannot be read ({exc.strerror or exc})") from None
+    fmt = format or _format_of(path)
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    text = raw.decode("utf-8", "surrogateescape")  # bad bytes survive as lone surrogates, per record
+    records: list[Record] = []
+    if fmt in ("text", "jsonl"):
+        for i, line in enumerate(text.split("\n")):
+            line = line.removesuffix("\r")
+            if not line.strip():
+                continue
+            where = f"line {i + 1}"
+            if fmt == "text":
+                records.append(Record(i, i + 1, line, _check_text(line, where, max_chars)))
+                continue
+            bad = _check_text(line, where, max(max_chars * 8, 1 << 16)) if any(
+                "\udc80" <= c <= "\udcff" for c in line) else None
+            if bad:
+                records.append(Record(i, i + 1, None, bad))
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                records.append(Record(i, i + 1, None, f"{where}: not valid JSON ({exc.msg})"))
+                continue
+            value = obj.get(column) if isinstance(obj, dict) else None
+            if not isinstance(value, str):
+                why = "not a JSON object" if not isinstance(obj, dict) else f"no text field {column!r}"
+                records.append(Record(i, i + 1, None, f"{where}: {why}"))
+                continue
+            records.append(Record(i, i + 1, value, _check_text(value, where, max_chars)))
+    elif fmt == "csv":
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise ValueError(f"dataset {path} holds no prompts (empty CSV)") from None
+        except csv.Error as exc:
+            raise ValueError(f"dataset {path}: CSV header: {exc}") from None
+        if column not in header:
+            raise ValueError(f"dataset {path}: no column {column!r} (columns: {', '.join(header)})")
+        col = header.index(column)
+        row_i = 0
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                raise ValueError(f"dataset {path}: CSV line {reader.line_num}: {exc}") from None
+            where = f"row {row_i + 1} (line {reader.line_num})"
+            if not row or not any(cell.strip() for cell in row):
+                row_i += 1
+                continue
+            value = row[col] if col < len(row) else ""
+            err = _check_text(value, where, max_chars) if value.strip() else f"{where}: empty {column!r}"
+            records.append(Record(row_i, reader.line_num, value if err is None else None, err))
+            row_i += 1
+    else:
+        raise ValueError(f"dataset format {fmt!r}: use text, jsonl or csv")
+    for r in records:
+        if r.error is not None:
+            r.text = None
+    if not records:
+        raise ValueError(f"dataset {path} holds no prompts")
+    return Dataset(path.resolve(), fmt, hashlib.sha256(raw).hexdigest(), size, records)
+
+
+# ================================================================================= options
+@dataclass
+class JobSpec:
+    """Everything a dataset job needs; serialisable (``to_args``) for submission."""
+
+    dataset: str
+    results: str
+    model: str = "smollm2-135m"
+    stages: int | None = None
+    layers: str | None = None
+    address: str | None = None  # Ray address of the stage actors (None: in-process stages)
+    gpus_per_stage: float = 0.0
+    cpus_per_stage: float = 1.0
+    device: str = "cpu"
+    dtype: str | None = None
+    column: str = "prompt"
+    tau_min: float = 0.01
+    tau: float = 0.04  # threshold of the stored route summary (stats can recompute at any tau >= tau_min)
+    mode: str = "renormalize"
+    norm: str = "l1"
+    positions: str = "last"
+    prepend_bos: bool = True
+    attention: bool = True  # per-head previous-token attention sums (detail queries, one per layer/head)
+    in_flight: int = 4
+    max_chars: int = MAX_PROMPT_CHARS
+    throttle_s: float = 0.0  # testing knob: pause after each group of prompts
+    job_id: str | None = None
+    progress: bool | None = None  # tqdm bar: None = when stderr is a terminal
+
+    def check(self) -> "JobSpec":
+        if self.norm not in NORMS:
+            raise ValueError(f"norm: {self.norm!r} is not one of {', '.join(NORMS)}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode: {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions: {self.positions!r} is not one of {', '.join(POSITIONS)}")
+        for name in ("tau_min", "tau"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not np.isfinite(v) or not 0 < v < 1:
+                raise ValueError(f"{name}: {v} must be a number in (0, 1)")
+        if self.tau < self.tau_min:
+            raise ValueError(f"tau: {self.tau} is below tau_min {self.tau_min}")
+        if not isinstance(self.in_flight, int) or self.in_flight < 1:
+            raise ValueError(f"in_flight: {self.in_flight} must be a positive integer")
+        return self
+
+    def analysis_options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _RESUME_KEYS}
+
+    def to_args(self) -> list[str]:
+        """Command-line arguments of ``routescope run-job`` for this spec."""
+        args = ["--model", self.model, "--dataset", self.dataset, "--results", self.results,
+                "--column", self.column, "--tau-min", repr(float(self.tau_min)), "--norm", self.norm,
+                "--positions", self.positions, "--in-flight", str(self.in_flight),
+                "--gpus-per-stage", repr(float(self.gpus_per_stage)), "--cpus-per-stage", repr(float(self.cpus_per_stage))]
+        if self.stages is not None:
+            args += ["--stages", str(self.stages)]
+        if self.layers is not None:
+            args += ["--layers", self.layers]
+        if self.address is not None:
+            args += ["--address", self.address]
+        if self.dtype is not None:
+            args += ["--dtype", self.dtype]
+        return args
+
+    def env(self) -> dict[str, str]:
+        """Options the CLI has no flag for travel as environment variables."""
+        env = {"ROUTESCOPE_JOB_TAU": repr(float(self.tau)), "ROUTESCOPE_JOB_MODE": self.mode,
+               "ROUTESCOPE_JOB_PREPEND_BOS": "1" if self.prepend_bos else "0",
+               "ROUTESCOPE_JOB_ATTENTION": "1" if self.attention else "0"}
+        if self.throttle_s:
+            env["ROUTESCOPE_JOB_THROTTLE_S"] = repr(float(self.throttle_s))
+        if self.job_id:
+            env["ROUTESCOPE_JOB_ID"] = self.job_id
+        return env
+
+
+def spec_from_args(args: Any, env: dict[str, str] | None = None) -> JobSpec:
+    """A ``JobSpec`` from parsed CLI arguments plus the ``ROUTESCOPE_JOB_*`` environment."""
+    env = os.environ if env is None else env
+    return JobSpec(
+        dataset=args.dataset, results=args.results, model=args.model, stages=args.stages, layers=args.layers,
+        address=args.address, gpus_per_stage=args.gpus_per_stage, cpus_per_stage=args.cpus_per_stage,
+        device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", None), column=args.column,
+        tau_min=args.tau_min, norm=args.norm, positions=args.positions, in_flight=args.in_flight,
+        tau=float(getattr(args, "tau", None) or env.get("ROUTESCOPE_JOB_TAU", 0.04)),
+        mode=getattr(args, "mode", None) or env.get("ROUTESCOPE_JOB_MODE", "renormalize"),
+        prepend_bos=not getattr(args, "no_bos", False) and env.get("ROUTESCOPE_JOB_PREPEND_BOS", "1") != "0",
+        attention=env.get("ROUTESCOPE_JOB_ATTENTION", "1") != "0",
+        throttle_s=float(env.get("ROUTESCOPE_JOB_THROTTLE_S", 0) or 0),
+        job_id=env.get("ROUTESCOPE_JOB_ID") or None,
+    )
+
+
+# ================================================================================= results layout
+def prompt_path(results: str | os.PathLike, index: int) -> Path:
+    return Path(results) / "prompts" / f"{int(index):06d}.msgpack"
+
+
+def done_indexes(results: str | os.PathLike) -> set[int]:
+    """Indexes whose result file exists (complete, since files are written atomically)."""
+    d = Path(results) / "prompts"
+    if not d.is_dir():
+        return set()
+    out = set()
+    for p in d.iterdir():
+        if p.suffix == ".msgpack" and p.stem.isdigit() and not p.name.startswith("."):
+            out.add(int(p.stem))
+    return out
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n").encode()
+
+
+def _prepare_results(results: Path) -> None:
+    """Create the results directory and prove it is writable, or raise a clear error."""
+    try:
+        if results.exists() and not results.is_dir():
+            raise ValueError(f"results location {results} is not writable: it is a file, not a directory")
+        (results / "prompts").mkdir(parents=True, exist_ok=True)
+        probe = results / ".write-probe"
+        atomic_write(probe, b"ok", fsync=False)
+        probe.unlink()
+    except ValueError:
+        raise
+    except OSError as exc:
+        raise ValueError(f"results location {results} is not writable ({exc.strerror or exc})") from None
+    # Temporary files of a run that was killed mid-write: never results, safe to drop.
+    for p in (results / "prompts").glob(".*.tmp"):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+def _check_resume(results: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The existing manifest, after checking it describes the same job (else ``ValueError``)."""
+    path = results / "manifest.json"
+    if not path.exists():
+        if done_indexes(results):
+            raise ValueError(f"results location {results} holds prompt files but no manifest.json; "
+                             "use an empty directory")
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"results location {results}: unreadable manifest.json ({exc})") from None
+    if not isinstance(old, dict) or old.get("schema") != SCHEMA:
+        raise ValueError(f"results location {results}: manifest.json is not a routescope job manifest")
+    diffs = []
+    if old.get("dataset", {}).get("sha256") != manifest["dataset"]["sha256"]:
+        diffs.append("dataset contents (sha256)")
+    if old.get("model") != manifest["model"]:
+        diffs.append(f"model ({old.get('model')!r} vs {manifest['model']!r})")
+    for k, v in manifest["options"].items():
+        if old.get("options", {}).get(k) != v:
+            diffs.append(f"option {k} ({old.get('options', {}).get(k)!r} vs {v!r})")
+    if diffs:
+        raise ValueError(f"results location {results} holds results of a different job: " + "; ".join(diffs)
+                         + ". Use another results location (existing results were left untouched)")
+    return old
+
+
+# ================================================================================= the job
+class Progress:
+    """A tqdm bar on a terminal, plus plain progress lines for job logs (non-terminals)."""
+
+    def __init__(self, total: int, done: int, bar: bool | None, interval: float = 2.0):
+        self.total, self.done, self.failed = total, done, 0
+        self.start = time.monotonic()
+        self.last_line = 0.0
+        self.interval = interval
+        self.first_done = done
+        use_bar = sys.stderr.isatty() if bar is None else bar
+        self.bar = None
+        if use_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="prompt", desc="routescope job", dynamic_ncols=True)
+        self.lines = not use_bar or not sys.stderr.isatty()
+        self.line(force=True)
+
+    def update(self, n: int = 1, failed: int = 0) -> None:
+        self.done += n
+        self.failed += failed
+        if self.bar is not None:
+            self.bar.update(n + failed)
+        self.line()
+
+    def line(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.lines or (not force and now - self.last_line < self.interval):
+            return
+        self.last_line = now
+        new = self.done - self.first_done
+        rate = new / max(now - self.start, 1e-9)
+        left = self.total - self.done - self.failed
+        eta = f", eta {left / rate:.0f}s" if rate > 0 and left > 0 else ""
+        pct = 100.0 * (self.done + self.failed) / max(self.total, 1)
+        print(f"progress: {self.done}/{self.total} prompts done, {self.failed} failed ({pct:.0f}%), "
+              f"{rate:.2f} prompts/s{eta}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.line(force=True)
+
+
+def _load_pipeline(spec: JobSpec):
+    import routescope
+
+    kwargs = dict(stages=spec.stages, layers=spec.layers, gpus_per_stage=spec.gpus_per_stage,
+                  cpus_per_stage=spec.cpus_per_stage, dtype=spec.dtype)
+    if spec.address is not None:
+        try:
+            import routescope.cluster.ray_pipeline  # noqa: F401
+        except ImportError as exc:
+            print(f"warning: Ray stage actors unavailable ({exc}); running the stages inside the job's "
+                  "driver process instead", flush=True)
+        else:
+            return routescope.load(spec.model, address=spec.address, **kwargs)
+    return routescope.load(spec.model, device=spec.device, **kwargs)
+
+
+def _pattern_api() -> bool:
+    """Whether stages answer ``attention_patterns(run_id, layer)`` (all heads of a layer at once)."""
+    from routescope.workers.stage import Stage
+
+    return hasattr(Stage, "attention_patterns")
+
+
+def _layer_patterns(graph, layer: int) -> np.ndarray:
+    """``pattern[h, t, s]`` of every head of ``layer`` with one detail call where possible.
+
+    Preferred: a stage method ``attention_patterns(run_id, layer)`` (proposed API). Until stages
+    have it, the layer's cached activations are read in one call; the per-head
+    ``attention_maps`` (which also computes contribution maps, ~100x dearer) is the last resort.
+    """
+    backend = graph.backend
+    if backend is not None and graph.run_id is not None:
+        if _pattern_api():
+            return np.asarray(backend.ask(graph.run_id, layer, "attention_patterns", layer), dtype=np.float64)
+        if _ACTS_OK[0]:
+            try:
+                acts = backend.ask(graph.run_id, layer, "_acts", layer)
+                return acts["attn.hook_pattern"].float().cpu().numpy().astype(np.float64)
+            except Exception:  # noqa: BLE001 - remote stages may not expose it
+                _ACTS_OK[0] = False
+    return np.stack([graph.attention_maps(layer, h)[0] for h in range(graph.n_heads)]).astype(np.float64)
+
+
+_ACTS_OK = [True]
+
+
+def previous_token_sums(graph, *, bos_sink: bool) -> dict[str, Any]:
+    """Per head, the sum over positions of attention on the previous token (live graph).
+
+    Positions counted: ``t >= 2`` when position 0 is the BOS sink (at ``t = 1`` the previous
+    token *is* the sink), else ``t >= 1``. Two sums: raw ``pattern[t, t-1]`` and the share of
+    the non-sink attention ``pattern[t, t-1] / (1 - pattern[t, 0])``.
+    """
+    L, H, T = graph.n_layers, graph.n_heads, graph.n_tokens
+    first = 2 if bos_sink else 1
+    raw = np.zeros((L, H))
+    nobos = np.zeros((L, H))
+    count = max(T - first, 0)
+    if count:
+        t = np.arange(first, T)
+        for layer in range(L):
+            patterns = _layer_patterns(graph, layer)
+            prev = patterns[:, t, t - 1].astype(np.float64)
+            raw[layer] = prev.sum(1)
+            if bos_sink:
+                rest = np.clip(1.0 - patterns[:, t, 0].astype(np.float64), 1e-9, None)
+                nobos[layer] = (prev / rest).sum(1)
+            else:
+                nobos[layer] = prev.sum(1)
+    return {"prev_sum": raw.tolist(), "prev_nobos_sum": nobos.tolist(), "count": count, "bos_sink": bos_sink,
+            "first_position": first}
+
+
+def run(spec: JobSpec, *, pipeline=None) -> dict[str, Any]:
+    """Run a dataset job to completion (resuming into existing results); return the manifest."""
+    import routescope
+    from routescope.cluster.stats import prediction_summary
+
+    spec.check()
+    dataset = read_dataset(spec.dataset, spec.column, max_chars=spec.max_chars)
+    results = Path(spec.results).expanduser().resolve()
+    _prepare_results(results)
+    manifest: dict[str, Any] = {
+        "schema": SCHEMA, "version": SCHEMA_VERSION, "routescope_version": routescope.__version__,
+        "model": spec.model, "options": spec.analysis_options(), "dataset": dataset.describe(),
+    }
+    old = _check_resume(results, manifest)
+    started = time.time()
+    print(f"routescope job: {len(dataset.records)} records in {dataset.path} ({dataset.format}), "
+          f"results in {results}" + (" (resuming)" if old else ""), flush=True)
+
+    pipe = pipeline if pipeline is not None else _load_pipeline(spec)
+    ckpt = pipe.checkpoint
+    manifest.update({
+        "weights": {"fingerprint": ckpt.fingerprint(), "checkpoint": ckpt.path.name, "spec": ckpt.spec},
+        "model_info": pipe.info.to_dict(), "layout": [list(r) for r in pipe.layout],
+        "pipeline": type(pipe.clients[0]).__name__ if getattr(pipe, "clients", None) else None,
+    })
+    if old and old.get("weights", {}).get("fingerprint") not in (None, manifest["weights"]["fingerprint"]):
+        raise ValueError(f"results location {results} holds results of other weights "
+                         f"({old['weights']['fingerprint']} vs {manifest['weights']['fingerprint']}); "
+                         "use another results location")
+    runs = list(old.get("runs", [])) if old else []
+    runs.append({"started": started, "job_id": spec.job_id, "host": socket.gethostname(), "pid": os.getpid()})
+    manifest["runs"] = runs
+    manifest["created"] = old.get("created", started) if old else started
+
+    done = done_indexes(results)
+    failed: dict[int, dict[str, Any]] = {}
+    pending: list[tuple[int, int, str, list[int]]] = []
+    for r in dataset.records:
+        if r.index in done:
+            continue
+        if r.error is not None:
+            failed[r.index] = {"index": r.index, "line": r.line, "error": r.error}
+            continue
+        try:
+            ids = pipe.tokenize(r.text, prepend_bos=spec.prepend_bos)
+        except ValueError as exc:
+            failed[r.index] = {"index": r.index, "line": r.line, "error": f"line {r.line}: {exc}"}
+            continue
+        pending.append((r.index, r.line, r.text, ids))
+    stale = sorted(done - {r.index for r in dataset.records})
+    if stale:
+        raise ValueError(f"results location {results} holds prompt files {stale[:5]} not in the dataset")
+
+    def write_state(status: str) -> None:
+        manifest["status"] = status
+        manifest["updated"] = time.time()
+        n_done = len(done_indexes(results))
+        manifest["counts"] = {"records": len(dataset.records), "done": n_done, "failed": len(failed),
+                              "pending": len(dataset.records) - n_done - len(failed)}
+        atomic_write(results / "failed.json", _json_bytes(sorted(failed.values(), key=lambda f: f["index"])))
+        atomic_write(results / "manifest.json", _json_bytes(manifest))
+
+    for idx, f in sorted(failed.items()):
+        print(f"skipped: {f['error']}", flush=True)
+    write_state("running")
+    progress = Progress(len(dataset.records), len(done), spec.progress)
+    bos_sink = bool(spec.prepend_bos)
+    try:
+        for g0 in range(0, len(pending), spec.in_flight):
+            group = pending[g0 : g0 + spec.in_flight]
+            try:
+                graphs = pipe.trace_ids([ids for *_, ids in group], norm=spec.norm, tau_min=spec.tau_min,
+                                        prompts=[text for _, _, text, _ in group])
+                outcomes: list[Any] = list(graphs)
+            except Exception as exc:  # isolate the prompt at fault: retry one by one
+                outcomes = []
+                for item in group:
+                    try:
+                        outcomes.append(pipe.trace_ids([item[3]], norm=spec.norm, tau_min=spec.tau_min,
+                                                       prompts=[item[2]])[0])
+                    except Exception as one_exc:  # noqa: BLE001 - reported per prompt
+                        outcomes.append(one_exc)
+                print(f"warning: a group of {len(group)} prompts failed ({type(exc).__name__}: {exc}); "
+                      "retried one by one", flush=True)
+            for (idx, line, text, _), g in zip(group, outcomes):
+                if isinstance(g, Exception):
+                    failed[idx] = {"index": idx, "line": line, "error": f"line {line}: {type(g).__name__}: {g}"}
+                    print(f"failed: prompt {idx} (line {line}): {type(g).__name__}: {g}", flush=True)
+                    progress.update(0, failed=1)
+                    continue
+                try:
+                    _annotate(g, spec, idx, line, bos_sink, prediction_summary)
+                    g.save(prompt_path(results, idx))
+                except OSError as exc:
+                    raise ValueError(f"results location {results}: cannot write prompt {idx} "
+                                     f"({exc.strerror or exc})") from None
+                except Exception as exc:  # noqa: BLE001 - a detail query failed: report, go on
+                    failed[idx] = {"index": idx, "line": line, "error": f"line {line}: {type(exc).__name__}: {exc}"}
+                    print(f"failed: prompt {idx} (line {line}): {type(exc).__name__}: {exc}", flush=True)
+                    progress.update(0, failed=1)
+                    continue
+                failed.pop(idx, None)
+                progress.update(1)
+            if spec.throttle_s:
+                time.sleep(spec.throttle_s)
+    finally:
+        progress.close()
+    write_state("complete" if not failed else "complete_with_failures")
+    print(f"routescope job: done: {manifest['counts']['done']} of {len(dataset.records)} prompts, "
+          f"{len(failed)} failed, {time.time() - started:.1f}s", flush=True)
+    return manifest
+
+
+def _annotate(graph, spec: JobSpec, index: int, line: int, bos_sink: bool, prediction_summary) -> None:
+    """Put the job's per-prompt metadata, route summary and attention sums into ``edges.extra``."""
+    T = graph.n_tokens
+    targets = [T - 1] if spec.positions == "last" else list(range(T))
+    extra = graph.edges.extra
+    extra["job"] = {"index": index, "line": line, "positions": spec.positions, "job_id": spec.job_id}
+    extra["summary"] = prediction_summary(graph.edges, spec.tau, spec.mode, targets).to_dict()
+    try:
+        top = graph.prediction(k=3)
+        extra["prediction"] = [{"token": p["token"], "id": int(p["id"]), "score": float(p["score"])} for p in top]
+    except Exception:  # noqa: BLE001 - the prediction is a convenience
+        extra["prediction"] = None
+    if spec.attention:
+        extra["attention"] = previous_token_sums(graph, bos_sink=bos_sink)
+
+
+# ================================================================================= entry points
+def run_job(dataset: str | os.PathLike, results: str | os.PathLike, *, model: str = "smollm2-135m",
+            pipeline=None, **options: Any):
+    """Run a dataset job in this process (small cases); return the results (``stats.Results``)."""
+    from .stats import Results
+
+    fields_ = {f.name for f in dataclasses.fields(JobSpec)}
+    unknown = set(options) - fields_
+    if unknown:
+        raise TypeError(f"run_job: unknown option(s) {', '.join(sorted(unknown))}")
+    spec = JobSpec(dataset=str(dataset), results=str(results), model=model, **options)
+    run(spec, pipeline=pipeline)
+    return Results(results)
+
+
+def main(args: Any) -> int:
+    """``routescope run-job`` and ``routescope submit``."""
+    spec = spec_from_args(args)
+    if args.command == "run-job":
+        manifest = run(spec)
+        return 0 if manifest["status"] == "complete" else 1
+    address = args.address
+    spec.address = None  # the job's driver places the stage actors on its own cluster ("auto")
+    handle = submit_spec(spec, address=address)
+    print(f"submitted job {handle.job_id} to {handle.address}; results in {spec.results}", flush=True)
+    if getattr(args, "wait", False):
+        status = handle.wait(show_logs=True)
+        print(f"job {handle.job_id}: {status}")
+        return 0 if status == "SUCCEEDED" else 1
+    return 0
+
+
+def submit_spec(spec: JobSpec, *, address: str | None = None, **kwargs: Any):
+    from .submit import submit_job_spec
+
+    return submit_job_spec(spec, address=address, **kwargs)
