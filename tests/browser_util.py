@@ -103,3 +103,41 @@ def launch(playwright):
 
         pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
     return playwright.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, headless=True)
+
+
+def error_text(page) -> str:
+    """Text of the visible error alert ('' when none)."""
+    return deep_eval(page, """const el = deepAll('.rs-error').find(e => e.getClientRects().length > 0);
+        return el ? el.textContent.trim() : '';""")
+
+
+def detail(page) -> dict:
+    return deep_eval(page, """const el = deepAll('.rs-detail')[0];
+        return el ? Object.assign({text: el.textContent}, el.dataset) : {};""")
+
+
+def px_per_unit(page) -> tuple[float, float]:
+    (x0, y0), (x1, y1) = data_to_page(page, 0, 0), data_to_page(page, 1, 1)
+    return abs(x1 - x0), abs(y1 - y0)
+
+
+def clear_edge(layout, ppx: float, ppy: float, kind: str = "attn") -> int:
+    """Index of the ``kind`` edge whose midpoint is farthest (in pixels) from every other edge and node."""
+    import numpy as np
+
+    from routescope.viewer.plot import _seg_dist
+
+    best, best_d = -1, -1.0
+    nx = np.asarray(layout.nodes["x"]) * ppx
+    ny = np.asarray(layout.nodes["y"]) * ppy
+    for i, k in enumerate(layout.edges["kind"]):
+        if k != kind or layout.x0[i] == layout.x1[i]:
+            continue
+        mx, my = (layout.x0[i] + layout.x1[i]) / 2 * ppx, (layout.y0[i] + layout.y1[i]) / 2 * ppy
+        d = _seg_dist(mx, my, layout.x0 * ppx, layout.y0 * ppy, layout.x1 * ppx, layout.y1 * ppy)
+        d[i] = np.inf
+        dn = np.hypot(nx - mx, ny - my).min()
+        score = min(d.min(), dn)
+        if score > best_d:
+            best, best_d = i, score
+    return best

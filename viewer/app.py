@@ -36,6 +36,10 @@ log = logging.getLogger("routescope.viewer")
 _esc = html.escape
 
 
+class _LoadError(RuntimeError):
+    pass
+
+
 class ViewState(param.Parameterized):
     """What a URL reopens."""
 
@@ -141,9 +145,9 @@ class ViewerApp:
         self.w_norm = pn.widgets.Checkbox(label="normalize before unembedding", value=True)
         self.w_all_targets = pn.widgets.Button(label="Trace all positions")
         self.w_last_target = pn.widgets.Button(label="Trace last position")
-        self.spinner = pn.indicators.LoadingSpinner(value=False, size=22, name="")
+        self.spinner = pn.indicators.LoadingSpinner(value=False, size=22)
         self.status = pn.pane.HTML('<div class="rs-status" data-state="idle">Pick a prompt and press Run.</div>')
-        self.error = pn.pane.Alert("", alert_type="danger", visible=False, css_classes=["rs-error"])
+        self.error = pn.pane.HTML("", visible=False, sizing_mode="stretch_width")
         self.info = pn.pane.HTML("", css_classes=["rs-info"])
         self.link = pn.pane.HTML("")
         self.graph_pane = pn.pane.Bokeh(None, sizing_mode="stretch_width")
@@ -211,7 +215,8 @@ class ViewerApp:
     # ----------------------------------------------------------------------------- messages
     def show_error(self, msg: str) -> None:
         log.info("viewer: %s", msg)
-        self.error.object = _esc(msg)
+        self.error.object = (f'<div class="rs-error" role="alert" style="background:#f8d7da;color:#842029;'
+                             f'border:1px solid #f5c2c7;border-radius:4px;padding:8px 12px">{_esc(msg)}</div>')
         self.error.visible = True
         self._set_status("error", _esc(msg))
 
@@ -292,10 +297,18 @@ class ViewerApp:
                 self._schedule(self._busy, True, f"Loading model {_esc(entry.name)} ({device}, {dtype})\u2026")
             else:
                 self._schedule(self._busy, True, f"Tracing {len(prompt)} characters\u2026")
-            loaded = await loop.run_in_executor(None, self.reg.get, entry.spec, device, dtype)
+            try:
+                loaded = await loop.run_in_executor(None, self.reg.get, entry.spec, device, dtype)
+            except Exception as exc:  # noqa: BLE001
+                raise _LoadError(f"Model {entry.name!r} failed to load: {type(exc).__name__}: {exc}") from exc
             self._schedule(self._busy, True, f"Tracing {len(prompt)} characters\u2026")
             graph = await loop.run_in_executor(
                 None, partial(self.reg.trace, loaded, prompt, prepend_bos=bos, tau_min=self.cfg.tau_min))
+        except _LoadError as exc:
+            self.busy = False
+            log.warning("viewer: %s", exc)
+            self._schedule(self._fail, str(exc))
+            return
         except ValueError as exc:
             self.busy = False
             self._schedule(self._fail, f"Cannot trace: {exc}")
