@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any
 
 import ray
@@ -49,6 +50,8 @@ class RayPipeline(Pipeline):
         super().__init__(*args, **kwargs)
         self.placement_group = placement_group
         self._owns_ray = owns_ray
+        self.transport = "object_store"
+        self.strategy = None
         self.stage_info: list[dict[str, Any]] = []
 
     @property
@@ -68,6 +71,24 @@ class RayPipeline(Pipeline):
     def timeout_s(self, value: float | None) -> None:
         for c in self.clients:
             c.timeout_s = value
+
+    def trace_ids(self, token_ids, **kwargs):
+        try:
+            return super().trace_ids(token_ids, **kwargs)
+        except StageError:
+            if self.transport == "object_store":
+                raise
+            # A restarted actor has left its collective group (Ray Direct Transport cannot heal that):
+            # from now on the residual goes through the object store; the run is tried once more
+            # there unless retries are off.
+            warnings.warn(f"a stage failed under tensor transport {self.transport!r}; "
+                          "falling back to the object store", RuntimeWarning, stacklevel=2)
+            self.transport = "object_store"
+            for c in self.clients:
+                c.transport = None
+            if self.retries == 0:
+                raise
+        return super().trace_ids(token_ids, **kwargs)
 
     def close(self) -> None:
         super().close()
@@ -118,6 +139,11 @@ def check_resources(n_stages: int, gpus_per_stage: float, cpus_per_stage: float)
     return "STRICT_PACK" if fits_one else "PACK"
 
 
+def _free() -> str:
+    free = ray.available_resources()
+    return ", ".join(f"{free.get(r, 0):g} {r}" for r in ("CPU", "GPU"))
+
+
 def ray_pipeline(model: str | Checkpoint = "smollm2-135m", *, stages: int | None = None, layers: str | None = None,
                  address: str | None = None, gpus_per_stage: float = 0, cpus_per_stage: float = 1,
                  dtype: str | None = None, max_tokens: int | None = None, cache_bytes: int = 2 * 2**30,
@@ -156,7 +182,7 @@ def ray_pipeline(model: str | Checkpoint = "smollm2-135m", *, stages: int | None
         except ray.exceptions.GetTimeoutError:
             raise ClusterResourceError(
                 f"placement group of {len(ranges)} bundles {bundle} ({strategy}) not ready within "
-                f"{ready_timeout_s} s: the cluster's free resources ({ray.available_resources()}) cannot hold it"
+                f"{ready_timeout_s} s: free now {_free()} (other placement groups or tasks hold the rest)"
             ) from None
         if transport == "auto":
             transport = "nccl" if gpus_per_stage > 0 and len(ranges) > 1 else "object_store"

@@ -1,0 +1,341 @@
+"""Ray stage actors and the coordinator, with real actors on this CPU machine (fractional CPUs).
+
+One local Ray instance for the module; SmolLM2 is loaded in-process once and as 1-, 2- and
+3-stage Ray pipelines; two tiny architectures (GPT-2, GPT-NeoX with parallel blocks) likewise.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from routescope.cluster.pipeline import Pipeline  # noqa: E402
+from routescope.cluster.ray_pipeline import ClusterResourceError, StageError, StageTimeoutError, ray_pipeline  # noqa: E402
+from routescope.workers.tiny import build_tiny_model  # noqa: E402
+
+CPUS = 0.25  # per stage: up to 8 stages at once on the module's 2 logical CPUs
+SMOL = "smollm2-135m"
+FRANCE = "The capital of France is"
+SMOL_BATCH = [FRANCE, "Water boils at", "The quick brown fox", "def add(a, b):", "Berlin is the capital of",
+              "She sold sea shells", "One, two, three,", "The opposite of hot is"]
+EVICT = "The capital of France"
+TINY_BATCH = ["The capital of France is", "def add(a, b): return a + b", "Water boils", "for i in range(10):",
+              "The quick brown fox jumps", "She sold", "Berlin is in Germany.", "A transformer reads tokens"]
+
+HEAD_KEY = ("head_layer", "head_target", "head_source", "head_head")
+EDGE_KEY = ("edge_layer", "edge_target", "edge_source")
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def smol_local():
+    pipe = Pipeline.local(SMOL)
+    yield pipe
+    pipe.close()
+
+
+@pytest.fixture(scope="module")
+def smol_ray2(ray_local):
+    pipe = ray_pipeline(SMOL, stages=2, cpus_per_stage=CPUS, retries=1, timeout_s=120)
+    yield pipe
+    pipe.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: str(build_tiny_model(arch, root / arch, n_layers=4)) for arch in ("gpt2", "neox")}
+
+
+@pytest.fixture(scope="module")
+def tiny_local(tiny_dirs):
+    return {arch: Pipeline.local(path) for arch, path in tiny_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def gpt2_two_stages(ray_local, tiny_dirs, tiny_local):
+    """Layers 0-0 and 1-3; stage 1's activation cache holds one run of ``EVICT``, not two."""
+    store = tiny_local["gpt2"].clients[0].stage.store
+    before = store.n_bytes
+    local_trace(tiny_local["gpt2"], EVICT)
+    one_run = store.n_bytes - before  # all 4 layers; stage 1 keeps 3 of them (+ its input)
+    pipe = ray_pipeline(tiny_dirs["gpt2"], layers="0-0,1-3", cpus_per_stage=CPUS, timeout_s=60,
+                        cache_bytes=int(1.2 * one_run))
+    yield pipe
+    pipe.close()
+
+
+# ----------------------------------------------------------------------------- comparison
+def _parts(edges, key_cols, weight_col):
+    keys = np.stack([getattr(edges, c).astype(np.int64) for c in key_cols], 1)
+    return {tuple(k): float(w) for k, w in zip(keys.tolist(), getattr(edges, weight_col))}
+
+
+def assert_same_contributions(ga, gb, tol=1e-6):
+    ea, eb = ga.edges, gb.edges
+    assert (ea.n_layers, ea.n_tokens, ea.n_heads) == (eb.n_layers, eb.n_tokens, eb.n_heads)
+    assert (ea.layer_start, ea.layer_stop) == (eb.layer_start, eb.layer_stop) == (0, ea.n_layers)
+    for col in ("res_attn", "ffn", "res_ffn"):
+        a, b = getattr(ea, col), getattr(eb, col)
+        assert a.shape == b.shape and np.abs(a - b).max() <= tol, col
+    for key_cols, wcol in ((HEAD_KEY, "head_weight"), (EDGE_KEY, "edge_weight")):
+        pa, pb = _parts(ea, key_cols, wcol), _parts(eb, key_cols, wcol)
+        assert len(pa) > 0
+        for k in pa.keys() & pb.keys():
+            assert abs(pa[k] - pb[k]) <= tol, (wcol, k, pa[k], pb[k])
+        for k in pa.keys() ^ pb.keys():  # kept on one side only: must sit on the tau_min boundary
+            assert abs(pa.get(k, pb.get(k)) - ea.tau_min) <= tol, (wcol, k)
+
+
+def assert_same_routes(ga, gb):
+    for tau in (0.04, 0.1):
+        ra, rb = ga.route(tau=tau, targets="all"), gb.route(tau=tau, targets="all")
+        key = lambda r: np.lexsort((r.target, r.source, r.layer, r.kind))  # noqa: E731
+        ia, ib = key(ra), key(rb)
+        for col in ("kind", "layer", "source", "target"):
+            assert np.array_equal(getattr(ra, col)[ia], getattr(rb, col)[ib]), col
+        assert np.abs(ra.weight[ia] - rb.weight[ib]).max(initial=0) <= 1e-6
+
+
+_LOCAL: dict = {}
+
+
+def local_trace(local, prompts, batch_size=8):
+    """In-process graphs, computed once per pipeline, prompts and batch size."""
+    key = (id(local), prompts if isinstance(prompts, str) else tuple(prompts), batch_size)
+    if key not in _LOCAL:
+        local.batch_size = batch_size
+        try:
+            _LOCAL[key] = (local, local.trace(prompts))
+        finally:
+            local.batch_size = 8
+    return _LOCAL[key][1]
+
+
+def assert_same_traces(local, remote, single, batch):
+    gl, g = local_trace(local, single), remote.trace(single)
+    assert_same_contributions(gl, g)
+    assert_same_routes(gl, g)
+    remote.batch_size = 2  # four batches in flight through the stages
+    try:
+        gl, gr = local_trace(local, batch, 2), remote.trace(batch)
+    finally:
+        remote.batch_size = 8
+    assert [g.prompt for g in gr] == batch  # in the order asked
+    for a, b in zip(gl, gr):
+        assert_same_contributions(a, b)
+        assert_same_routes(a, b)
+    return g
+
+
+# ----------------------------------------------------------------------------- equivalence
+@pytest.mark.parametrize("n_stages", [1, 2, 3])
+def test_smollm2_ray_stages_match_in_process(ray_local, smol_local, smol_ray2, n_stages):
+    pipe = smol_ray2 if n_stages == 2 else ray_pipeline(SMOL, stages=n_stages, cpus_per_stage=CPUS)
+    try:
+        assert len(pipe.layout) == n_stages and pipe.layout[0][0] == 0 and pipe.layout[-1][1] == 30
+        g = assert_same_traces(smol_local, pipe, FRANCE, SMOL_BATCH)
+        assert g.prediction()[0]["token"] == " Paris"
+    finally:
+        if pipe is not smol_ray2:
+            pipe.close()
+
+
+def _tiny_pipeline(arch, n_stages, tiny_dirs, gpt2_two_stages):
+    """Three layouts per architecture, each also exercising one more feature."""
+    import routescope
+
+    if n_stages == 1:
+        return ray_pipeline(tiny_dirs[arch], stages=1, cpus_per_stage=CPUS)
+    if n_stages == 2 and arch == "gpt2":  # explicit ranges, small activation cache
+        return gpt2_two_stages
+    if n_stages == 2:  # explicit ranges through the public API
+        return routescope.load(tiny_dirs[arch], layers="0-0,1-3", address="local", cpus_per_stage=CPUS, reuse=False)
+    if arch == "neox":  # the GPU code path (Ray Direct Transport, residual kept on the device) with gloo
+        return ray_pipeline(tiny_dirs[arch], stages=3, cpus_per_stage=CPUS, transport="gloo")
+    return ray_pipeline(tiny_dirs[arch], stages=3, cpus_per_stage=CPUS)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox"])
+@pytest.mark.parametrize("n_stages", [1, 2, 3])
+def test_tiny_ray_stages_match_in_process(ray_local, tiny_dirs, tiny_local, gpt2_two_stages, arch, n_stages):
+    from routescope.cluster.ray_pipeline import RayPipeline
+
+    pipe = _tiny_pipeline(arch, n_stages, tiny_dirs, gpt2_two_stages)
+    try:
+        assert isinstance(pipe, RayPipeline) and len(pipe.layout) == n_stages
+        if n_stages == 2:
+            assert pipe.layout == [(0, 1), (1, 4)]
+        if arch == "neox" and n_stages == 3:
+            assert pipe.transport == "gloo" and all(c.transport == "gloo" for c in pipe.clients)
+        else:
+            assert pipe.transport == "object_store"
+        assert_same_traces(tiny_local[arch], pipe, TINY_BATCH[0], TINY_BATCH)
+    finally:
+        if pipe is not gpt2_two_stages:
+            pipe.close()
+
+
+# ----------------------------------------------------------------------------- stage memory
+def test_stage_parameter_bytes_match_layer_share(ray_local, tmp_path):
+    from routescope.cluster.layout import layer_bytes
+    from routescope.workers.checkpoint import resolve
+
+    path = build_tiny_model("llama", tmp_path / "llama8", n_layers=8, max_shard_size="150KB")
+    assert (path / "model.safetensors.index.json").exists()  # sharded
+    ckpt = resolve(str(path))
+    per_layer, embed, unembed = layer_bytes(ckpt, 8)
+    assert embed > 0 and unembed > 0
+    pipe = ray_pipeline(str(path), stages=4, cpus_per_stage=CPUS)
+    try:
+        blocks = sum(per_layer)
+        held = [info["parameter_bytes"] for info in pipe.stage_info]
+        assert held == [c.call("parameter_bytes") for c in pipe.clients]
+        assert pipe.layout == [(0, 2), (2, 4), (4, 6), (6, 8)]
+        for i, ((a, b), n) in enumerate(zip(pipe.layout, held)):
+            own = sum(per_layer[a:b])
+            extra = n - own  # beyond the stage's own layers
+            if i == 0:
+                assert abs(extra - embed) <= 1024
+            elif i == 3:
+                assert abs(extra - unembed) <= 1024  # unembedding + final norm
+            else:  # middle: a quarter of the blocks, no embedding or unembedding (final norm only)
+                assert abs(own / blocks - 0.25) < 0.01
+                assert 0 <= extra <= 1024 < embed
+        # nothing loaded twice: beyond the checkpoint, only norms and 1-row placeholders (< 1 KiB a stage)
+        assert blocks + embed + unembed <= sum(held) <= blocks + embed + unembed + 4 * 1024
+        local = Pipeline.local(str(path))
+        assert_same_contributions(local.trace(TINY_BATCH[0]), pipe.trace(TINY_BATCH[0]))
+    finally:
+        pipe.close()
+
+
+# ----------------------------------------------------------------------------- details on demand
+def test_detail_queries_through_actors(smol_local, smol_ray2):
+    gl, gr = local_trace(smol_local, FRANCE), smol_ray2.trace(FRANCE)
+    last = gl.n_tokens - 1
+    for layer in (3, 20):  # one per stage
+        for what, kw in (("resid_post", {}), ("attn_out", {}), ("head", {"head": 2}),
+                         ("edge", {"head": 1, "source": 2}), ("neuron", {"neuron": 7})):
+            a = smol_local.ask(gl.run_id, layer, "vector", what, layer, last, **kw)
+            b = smol_ray2.ask(gr.run_id, layer, "vector", what, layer, last, **kw)
+            assert torch.allclose(a, b, atol=1e-5), (layer, what)
+        np.testing.assert_allclose(gl.head_contributions(layer, last), gr.head_contributions(layer, last), atol=1e-6)
+        for x, y in zip(gl.attention_maps(layer, 3), gr.attention_maps(layer, 3)):
+            np.testing.assert_allclose(x, y, atol=1e-6)
+        na, nb = gl.neurons(layer, last, k=5), gr.neurons(layer, last, k=5)
+        assert [n["neuron"] for n in na] == [n["neuron"] for n in nb]
+    # a middle layer's residual projected by the stage holding the final norm and unembedding
+    ta, tb = gl.top_tokens(f"I10_{last}", k=5), gr.top_tokens(f"I10_{last}", k=5)
+    assert [t["id"] for t in ta] == [t["id"] for t in tb]
+    assert [t["rank_change"] for t in ta] == [t["rank_change"] for t in tb]
+    assert gr.prediction()[0]["token"] == " Paris"
+    with pytest.raises(ValueError, match="position"):
+        gr.head_contributions(20, 99)
+    with pytest.raises(ValueError, match="not one of"):
+        smol_ray2.clients[0].call("forward", None)  # only detail methods are reachable
+
+
+def test_evicted_run_is_recomputed(tiny_local, gpt2_two_stages):
+    from routescope.workers.stage import RunEvictedError
+
+    local, pipe = tiny_local["gpt2"], gpt2_two_stages
+    ga, gb = pipe.trace([EVICT, EVICT])  # two runs; stage 1's cache holds one
+    la = local_trace(local, EVICT)
+    assert not pipe.clients[1].call("has_run", ga.run_id)  # evicted by the second run
+    np.testing.assert_allclose(ga.head_contributions(3, 2), la.head_contributions(3, 2), atol=1e-6)
+    assert pipe.clients[1].call("has_run", ga.run_id)  # recomputed transparently
+    assert not pipe.clients[1].call("has_run", gb.run_id)
+    np.testing.assert_allclose(gb.head_contributions(2, 1), la.head_contributions(2, 1), atol=1e-6)
+    with pytest.raises(RunEvictedError, match="unknown"):
+        pipe.ask("0" * 32, 1, "head_contributions", 1, 0)
+
+
+# ----------------------------------------------------------------------------- faults, resources
+def _trace_in_thread(pipe, prompts):
+    box = {}
+
+    def run():
+        try:
+            box["graphs"] = pipe.trace(prompts)
+        except BaseException as exc:  # noqa: BLE001
+            box["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, box
+
+
+def test_stage_killed_mid_run_is_restarted_and_retried(smol_local, smol_ray2):
+    victim = smol_ray2.clients[1]
+    pid = victim.pid()
+    smol_ray2.batch_size = 2
+    try:
+        t, box = _trace_in_thread(smol_ray2, SMOL_BATCH)
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        t.join(180)
+    finally:
+        smol_ray2.batch_size = 8
+    assert "error" not in box, box.get("error")
+    assert victim.pid() != pid  # a new process
+    for a, b in zip(local_trace(smol_local, SMOL_BATCH, 2), box["graphs"]):
+        assert_same_contributions(a, b)
+    g = box["graphs"][0]
+    assert g.prediction()[0]["token"] == " Paris"  # layer 29's stage recomputes what it lost
+
+
+def test_stage_killed_without_retries_gives_clear_error(smol_local, smol_ray2):
+    victim = smol_ray2.clients[1]
+    a, b = smol_ray2.layout[1]
+    pid = victim.pid()
+    smol_ray2.retries = 0
+    try:
+        t, box = _trace_in_thread(smol_ray2, SMOL_BATCH)
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        t.join(180)
+    finally:
+        smol_ray2.retries = 1
+    err = box.get("error")
+    assert isinstance(err, StageError) and "graphs" not in box
+    assert f"stage 1 (layers {a}-{b - 1})" in str(err) and err.stage == 1
+    # the coordinator stays usable: the actor was restarted and the next run is right
+    g = smol_ray2.trace(FRANCE)
+    assert_same_contributions(local_trace(smol_local, FRANCE), g)
+    assert g.prediction()[0]["token"] == " Paris"
+
+
+def test_timeout_is_reported_and_pipeline_stays_usable(gpt2_two_stages):
+    pipe = gpt2_two_stages
+    pipe.timeout_s = 1e-4
+    try:
+        with pytest.raises(StageTimeoutError, match=r"stage 0 \(layers 0-0\).*timeout"):
+            pipe.trace(TINY_BATCH)
+    finally:
+        pipe.timeout_s = 60
+    assert pipe.trace(TINY_BATCH[0]).n_tokens > 1
+
+
+def test_missing_gpus_fail_fast(ray_local, tiny_dirs):
+    t0 = time.perf_counter()
+    with pytest.raises(ClusterResourceError, match=r"GPU.*missing 2 GPU"):
+        ray_pipeline(tiny_dirs["gpt2"], stages=2, gpus_per_stage=1, cpus_per_stage=CPUS)
+    with pytest.raises(ClusterResourceError, match=r"CPU.*missing"):
+        ray_pipeline(tiny_dirs["gpt2"], stages=3, cpus_per_stage=4)
+    assert time.perf_counter() - t0 < 10
