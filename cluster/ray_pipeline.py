@@ -185,7 +185,8 @@ def ray_pipeline(model: str | Checkpoint = "smollm2-135m", *, stages: int | None
                 f"{ready_timeout_s} s: free now {_free()} (other placement groups or tasks hold the rest)"
             ) from None
         if transport == "auto":
-            transport = "nccl" if gpus_per_stage > 0 and len(ranges) > 1 else "object_store"
+            # NCCL wants one GPU per rank: stages sharing a GPU keep the object store.
+            transport = "nccl" if gpus_per_stage >= 1 and len(ranges) > 1 else "object_store"
         direct = transport in ("nccl", "gloo") and len(ranges) > 1
         actor_cls = stage_actor_class(direct)
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

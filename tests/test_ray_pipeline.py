@@ -234,7 +234,7 @@ def test_detail_queries_through_actors(smol_local, smol_ray2):
                          ("edge", {"head": 1, "source": 2}), ("neuron", {"neuron": 7})):
             a = smol_local.ask(gl.run_id, layer, "vector", what, layer, last, **kw)
             b = smol_ray2.ask(gr.run_id, layer, "vector", what, layer, last, **kw)
-            assert torch.allclose(a, b, atol=1e-5), (layer, what)
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (layer, what)  # 1 vs 2 threads
         np.testing.assert_allclose(gl.head_contributions(layer, last), gr.head_contributions(layer, last), atol=1e-6)
         for x, y in zip(gl.attention_maps(layer, 3), gr.attention_maps(layer, 3)):
             np.testing.assert_allclose(x, y, atol=1e-6)
@@ -267,7 +267,19 @@ def test_evicted_run_is_recomputed(tiny_local, gpt2_two_stages):
 
 
 # ----------------------------------------------------------------------------- faults, resources
-def _trace_in_thread(pipe, prompts):
+def _kill_stage_mid_run(pipe, index, prompts, monkeypatch):
+    """Trace ``prompts`` in a thread; SIGKILL stage ``index``'s process while it works on them."""
+    pid = pipe.clients[index].pid()
+    upstream = pipe.clients[index - 1]
+    handles = []
+    submit = upstream.submit_forward
+
+    def spy(*args, **kwargs):
+        out = submit(*args, **kwargs)
+        handles.append(out[1])
+        return out
+
+    monkeypatch.setattr(upstream, "submit_forward", spy)
     box = {}
 
     def run():
@@ -278,45 +290,45 @@ def _trace_in_thread(pipe, prompts):
 
     t = threading.Thread(target=run)
     t.start()
-    return t, box
+    deadline = time.monotonic() + 60
+    while not handles and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ray.wait(handles[:1], timeout=60)  # the upstream stage has handed over the first batch
+    time.sleep(0.2)  # the victim is computing it now
+    os.kill(pid, signal.SIGKILL)
+    t.join(240)
+    assert not t.is_alive()
+    monkeypatch.undo()
+    return pid, box
 
 
-def test_stage_killed_mid_run_is_restarted_and_retried(smol_local, smol_ray2):
-    victim = smol_ray2.clients[1]
-    pid = victim.pid()
+def test_stage_killed_mid_run_is_restarted_and_retried(smol_local, smol_ray2, monkeypatch):
     smol_ray2.batch_size = 2
     try:
-        t, box = _trace_in_thread(smol_ray2, SMOL_BATCH)
-        time.sleep(0.5)
-        os.kill(pid, signal.SIGKILL)
-        t.join(180)
+        pid, box = _kill_stage_mid_run(smol_ray2, 1, SMOL_BATCH, monkeypatch)
     finally:
         smol_ray2.batch_size = 8
     assert "error" not in box, box.get("error")
-    assert victim.pid() != pid  # a new process
+    assert smol_ray2.clients[1].pid() != pid  # a new process
     for a, b in zip(local_trace(smol_local, SMOL_BATCH, 2), box["graphs"]):
         assert_same_contributions(a, b)
     g = box["graphs"][0]
-    assert g.prediction()[0]["token"] == " Paris"  # layer 29's stage recomputes what it lost
+    assert g.prediction()[0]["token"] == " Paris"  # asks the restarted last stage
 
 
-def test_stage_killed_without_retries_gives_clear_error(smol_local, smol_ray2):
-    victim = smol_ray2.clients[1]
+def test_stage_killed_without_retries_gives_clear_error(smol_local, smol_ray2, monkeypatch):
     a, b = smol_ray2.layout[1]
-    pid = victim.pid()
     smol_ray2.retries = 0
     try:
-        t, box = _trace_in_thread(smol_ray2, SMOL_BATCH)
-        time.sleep(0.5)
-        os.kill(pid, signal.SIGKILL)
-        t.join(180)
+        pid, box = _kill_stage_mid_run(smol_ray2, 1, SMOL_BATCH, monkeypatch)
     finally:
         smol_ray2.retries = 1
     err = box.get("error")
-    assert isinstance(err, StageError) and "graphs" not in box
-    assert f"stage 1 (layers {a}-{b - 1})" in str(err) and err.stage == 1
+    assert isinstance(err, StageError) and "graphs" not in box, box
+    assert f"stage 1 (layers {a}-{b - 1})" in str(err) and err.stage == 1 and "died" in str(err)
     # the coordinator stays usable: the actor was restarted and the next run is right
     g = smol_ray2.trace(FRANCE)
+    assert smol_ray2.clients[1].pid() != pid
     assert_same_contributions(local_trace(smol_local, FRANCE), g)
     assert g.prediction()[0]["token"] == " Paris"
 
