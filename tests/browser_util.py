@@ -93,6 +93,9 @@ def data_to_page(page, x: float, y: float) -> tuple[float, float]:
 
 def click_data(page, x: float, y: float) -> None:
     px, py = data_to_page(page, x, y)
+    if px != px or py != py:
+        print("NaN", x, y, page.evaluate("""() => { const v = Bokeh.index.query_one(v => v.model.name === 'rs-graph' && v.frame != null);
+          const r = v.model.x_range, q = v.model.y_range; return [r.start, r.end, q.start, q.end, v.frame.bbox.width, v.frame.bbox.height]; }"""))
     page.mouse.click(px, py)
 
 

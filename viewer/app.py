@@ -394,10 +394,18 @@ class ViewerApp:
         edges = g.route(float(self.w_tau.value), self._mode(), targets)
         self.route_edges = edges
         self.layout = build_layout(edges, g.tokens, g.n_layers, targets)
-        if new_figure or self.fig is None:
+        if self.fig is not None and new_figure:
+            # one figure per session: new graphs update it (a replaced figure left stale views behind)
+            from .plot import set_axes
+
+            self.sources["edges"].data = self.layout.edges
+            self.sources["nodes"].data = self.layout.nodes
+            self.sources["targets"].data = self.layout.targets
+            set_axes(self.fig, self.layout, reset_ranges=True)
+        elif new_figure or self.fig is None:
             from bokeh.events import Tap
 
-            self.fig, self.sources = graph_figure(self.layout, backend=self.cfg.backend)
+            self.fig, self.sources = graph_figure(self.layout, backend=self.cfg.backend, sources=self.sources)
             self.fig.on_event(Tap, self._on_tap)
             self.graph_pane.object = self.fig
         else:

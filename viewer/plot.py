@@ -186,8 +186,11 @@ def hit_test(layout: GraphLayout, x: float, y: float, px_per_x: float, px_per_y:
 
 
 # --------------------------------------------------------------------------------- figures
-def graph_figure(layout: GraphLayout, backend: str = "canvas", height: int | None = None, width: int | None = None):
-    """The route figure plus its data sources (edges, nodes, targets, highlight sources)."""
+def graph_figure(layout: GraphLayout, backend: str = "canvas", height: int | None = None, width: int | None = None,
+                 sources: dict | None = None):
+    """The route figure plus its data sources (edges, nodes, targets, highlight sources).
+
+    Pass the ``sources`` of a previous figure to reuse them (one set of named sources per session)."""
     from bokeh.models import ColumnDataSource, HoverTool, Range1d
     from bokeh.plotting import figure
 
@@ -196,18 +199,25 @@ def graph_figure(layout: GraphLayout, backend: str = "canvas", height: int | Non
     x_span = max(n_tok, 2)
     fig = figure(name="rs-graph", height=height, sizing_mode="stretch_width", output_backend=backend,
                  tools="pan,wheel_zoom,box_zoom,reset,save", active_scroll="wheel_zoom",
-                 x_range=Range1d(-0.7, x_span - 0.3 if n_tok <= 40 else 39.3, bounds=(-1, x_span + 1)),
-                 y_range=Range1d(-0.8, layout.top_y + 0.8, bounds=(-1.5, layout.top_y + 1.5)),
+                 x_range=Range1d(-0.7 if n_tok <= 48 else n_tok - 48.7, x_span - 0.3),
+                 y_range=Range1d(-0.8, layout.top_y + 0.8),
                  toolbar_location="above")
     if width:
         fig.width = width
-    sources = {
+    if sources:
+        sources["edges"].data = layout.edges
+        sources["nodes"].data = layout.nodes
+        sources["targets"].data = layout.targets
+        sources["hl_edges"].data = {"xs": [], "ys": []}
+        sources["hl_nodes"].data = {"x": [], "y": [], "marker": []}
+    else:
+        sources = {
         "edges": ColumnDataSource(layout.edges, name="rs-edges"),
         "nodes": ColumnDataSource(layout.nodes, name="rs-nodes"),
         "targets": ColumnDataSource(layout.targets, name="rs-targets"),
         "hl_edges": ColumnDataSource({"xs": [], "ys": []}, name="rs-hl-edges"),
         "hl_nodes": ColumnDataSource({"x": [], "y": [], "marker": []}, name="rs-hl-nodes"),
-    }
+        }
     e = fig.multi_line("xs", "ys", source=sources["edges"], line_color="color", line_width="width",
                        line_alpha="alpha", name="rs-edge-renderer")
     fig.multi_line("xs", "ys", source=sources["hl_edges"], line_color="#d62728", line_width=4, line_alpha=0.9)
@@ -223,6 +233,16 @@ def graph_figure(layout: GraphLayout, backend: str = "canvas", height: int | Non
                                                          ("incoming weight", "@incoming")]))
     fig.add_tools(HoverTool(renderers=[tg], tooltips=[("trace position", "@pos"), ("token", "@token"),
                                                       ("traced", "@traced")]))
+    set_axes(fig, layout)
+    fig.xgrid.visible = False
+    fig.ygrid.grid_line_alpha = 0.25
+    fig.toolbar.logo = None
+    return fig, sources
+
+
+def set_axes(fig, layout: GraphLayout, reset_ranges: bool = False) -> None:
+    """Token labels, layer ticks (and, for a new graph on an old figure, ranges and height)."""
+    n_tok, n_layers = layout.n_tokens, layout.n_layers
     fig.xaxis.ticker = list(range(n_tok))
     fig.xaxis.major_label_overrides = {i: display_token(t) for i, t in enumerate(layout.tokens)}
     fig.xaxis.major_label_orientation = math.pi / 4 if n_tok > 12 else 0
@@ -230,10 +250,10 @@ def graph_figure(layout: GraphLayout, backend: str = "canvas", height: int | Non
     y_ticks = [0.0] + [2.0 * l + 1 for l in range(n_layers)]
     fig.yaxis.ticker = y_ticks
     fig.yaxis.major_label_overrides = {0: "emb", **{2 * l + 1: f"L{l}" for l in range(n_layers)}}
-    fig.xgrid.visible = False
-    fig.ygrid.grid_line_alpha = 0.25
-    fig.toolbar.logo = None
-    return fig, sources
+    if reset_ranges:
+        x_span = max(n_tok, 2)
+        fig.x_range.update(start=-0.7 if n_tok <= 48 else n_tok - 48.7, end=x_span - 0.3)
+        fig.y_range.update(start=-0.8, end=layout.top_y + 0.8)
 
 
 def heatmap_figure(matrix: np.ndarray, title: str, x_label: str, y_label: str, name: str,
