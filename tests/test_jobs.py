@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -49,10 +50,11 @@ def assert_same(a, b, atol: float = 2e-4) -> None:
     for name in ("res_attn", "ffn", "res_ffn"):
         np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=atol, err_msg=name)
     for group, key in (("head", ("layer", "target", "source", "head")), ("edge", ("layer", "target", "source"))):
-        da = {k: w for *k, w in zip(*(getattr(a, f"{group}_{c}") for c in key), getattr(a, f"{group}_weight"))}
-        db = {k: w for *k, w in zip(*(getattr(b, f"{group}_{c}") for c in key), getattr(b, f"{group}_weight"))}
-        da = {tuple(int(x) for x in k): float(w) for k, w in da.items()}
-        db = {tuple(int(x) for x in k): float(w) for k, w in db.items()}
+        def table(e):
+            cols = [getattr(e, f"{group}_{c}").tolist() for c in key]
+            return {tuple(k): float(w) for k, w in zip(zip(*cols), getattr(e, f"{group}_weight").tolist())}
+
+        da, db = table(a), table(b)
         for k in set(da) | set(db):
             wa, wb = da.get(k), db.get(k)
             if wa is None or wb is None:
@@ -181,17 +183,12 @@ def test_run_job_in_process(tmp_path, pipe, reference):
 def test_previous_token_fast_path_matches_attention_maps(pipe):
     g = pipe.trace("The quick brown fox jumps over")
     fast = jobs.previous_token_sums(g, bos_sink=True)
-    saved = jobs._ACTS_OK[0]
-    jobs._ACTS_OK[0] = False
-    try:
-        slow = jobs.previous_token_sums(g, bos_sink=True)
-    finally:
-        jobs._ACTS_OK[0] = saved
-    np.testing.assert_allclose(fast["prev_sum"], slow["prev_sum"], atol=1e-6)
-    np.testing.assert_allclose(fast["prev_nobos_sum"], slow["prev_nobos_sum"], atol=1e-6)
-    p, _ = g.attention_maps(3, 4)
     t = np.arange(2, g.n_tokens)
-    assert fast["prev_sum"][3][4] == pytest.approx(float(p[t, t - 1].sum()), abs=1e-6)
+    for layer, head in ((0, 0), (3, 4), (29, 8)):
+        p, _ = g.attention_maps(layer, head)  # the public (slow) detail query
+        assert fast["prev_sum"][layer][head] == pytest.approx(float(p[t, t - 1].sum()), abs=1e-6)
+        share = (p[t, t - 1] / (1 - p[t, 0])).sum()
+        assert fast["prev_nobos_sum"][layer][head] == pytest.approx(float(share), rel=1e-5)
 
 
 class Crashing:
@@ -211,18 +208,18 @@ class Crashing:
 
 
 def test_resume_after_crash_in_process(tmp_path, pipe, reference):
-    data = write_lines(tmp_path / "d.txt", PROMPTS[:8])
+    data = write_lines(tmp_path / "d.txt", PROMPTS[:5])
     results = tmp_path / "r"
     with pytest.raises(SystemExit):
-        routescope.run_job(data, results, pipeline=Crashing(pipe, 3), in_flight=2)
-    assert jobs.done_indexes(results) == {0, 1, 2, 3}
+        routescope.run_job(data, results, pipeline=Crashing(pipe, 2), in_flight=2)
+    assert jobs.done_indexes(results) == {0, 1}
     assert json.loads((results / "manifest.json").read_text())["status"] == "running"
     before = {p.name: p.read_bytes() for p in (results / "prompts").iterdir()}
     res = routescope.run_job(data, results, pipeline=pipe, in_flight=3)
-    assert res.indexes == list(range(8)) and len(list((results / "prompts").iterdir())) == 8
+    assert res.indexes == list(range(5)) and len(list((results / "prompts").iterdir())) == 5
     for name, data_ in before.items():  # finished prompts were not redone
         assert (results / "prompts" / name).read_bytes() == data_
-    for i in range(8):
+    for i in range(5):
         assert_same(res.edges(i), reference[i])
     m = res.manifest
     assert m["status"] == "complete" and len(m["runs"]) == 2
@@ -273,6 +270,8 @@ def ray_head():
                 raise RuntimeError(f"ray start exited: {(Path(temp) / 'head.log').read_text()[-2000:]}")
             try:
                 urllib.request.urlopen(address + "/api/version", timeout=2).read()
+                break
+            except urllib.error.HTTPError:  # 401 without the token: the dashboard is up
                 break
             except OSError:
                 if time.monotonic() > deadline:
