@@ -12,8 +12,11 @@ Run: ``.venv/bin/python benchmarks/bench_pipeline.py [--model smollm2-135m] [--p
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
+
+print = functools.partial(print, flush=True)  # noqa: A001  (progress shows during long runs)
 
 TEXT = (
     "The capital of France is Paris, and the capital of Italy is Rome. A transformer reads tokens and "
