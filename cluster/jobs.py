@@ -450,13 +450,15 @@ def previous_token_sums(graph, *, bos_sink: bool) -> dict[str, Any]:
     """Per head, the sum over positions of attention on the previous token (live graph).
 
     Positions counted: ``t >= 2`` when position 0 is the BOS sink (at ``t = 1`` the previous
-    token *is* the sink), else ``t >= 1``. Two sums: raw ``pattern[t, t-1]`` and the share of
-    the non-sink attention ``pattern[t, t-1] / (1 - pattern[t, 0])``.
+    token *is* the sink), else ``t >= 1``. Sums over those positions: ``prev_sum`` of
+    ``pattern[t, t-1]`` and ``nonsink_sum`` of the attention not on the sink,
+    ``sum_{s >= 1} pattern[t, s]`` (``1`` per position without a sink); their ratio over a
+    dataset is the share of the non-sink attention that goes to the previous token.
     """
     L, H, T = graph.n_layers, graph.n_heads, graph.n_tokens
     first = 2 if bos_sink else 1
     raw = np.zeros((L, H))
-    nobos = np.zeros((L, H))
+    nonsink = np.zeros((L, H))
     count = max(T - first, 0)
     if count:
         t = np.arange(first, T)
@@ -465,11 +467,10 @@ def previous_token_sums(graph, *, bos_sink: bool) -> dict[str, Any]:
             prev = patterns[:, t, t - 1].astype(np.float64)
             raw[layer] = prev.sum(1)
             if bos_sink:
-                rest = np.clip(1.0 - patterns[:, t, 0].astype(np.float64), 1e-9, None)
-                nobos[layer] = (prev / rest).sum(1)
+                nonsink[layer] = patterns[:, t, 1:].astype(np.float64).sum((1, 2))
             else:
-                nobos[layer] = prev.sum(1)
-    return {"prev_sum": raw.tolist(), "prev_nobos_sum": nobos.tolist(), "count": count, "bos_sink": bos_sink,
+                nonsink[layer] = float(count)
+    return {"prev_sum": raw.tolist(), "nonsink_sum": nonsink.tolist(), "count": count, "bos_sink": bos_sink,
             "first_position": first}
 
 

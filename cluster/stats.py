@@ -17,9 +17,11 @@ Definitions (one *prediction* is the output node ``I{L-1}_t`` of one traced posi
   (all heads of layer 0, for example) gets a small weight instead of 100%.
 * **Previous-token score** of a head: mean over positions of ``pattern[h, t, t-1]``. With a
   BOS token prepended, position 0 is the attention sink and ``t = 1`` (whose previous token is the
-  sink) is left out: the mean runs over ``t >= 2``. ``prev_token_excl_bos`` divides each
-  ``pattern[t, t-1]`` by the attention not parked on BOS, ``1 - pattern[t, 0]``. Both are
-  token-weighted means over the dataset (sums over all prompts' positions / number of positions).
+  sink) is left out: the mean runs over ``t >= 2``, token-weighted over the dataset (sum over
+  all prompts' positions / number of positions). ``prev_token_excl_bos`` is the share of the
+  attention *not* parked on BOS that goes to the previous token, a ratio of dataset sums:
+  ``sum pattern[t, t-1] / sum_{t, s >= 1} pattern[t, s]`` (a ratio of sums, so positions where a
+  head sends almost nothing beyond the sink cannot blow it up).
 """
 
 from __future__ import annotations
@@ -376,7 +378,7 @@ def previous_token(source, *, tau: float | None = None, mode: str | None = None,
         if raw is None:
             raw, nobos = np.zeros((es.n_layers, es.n_heads)), np.zeros((es.n_layers, es.n_heads))
         raw += np.asarray(att["prev_sum"], float)
-        nobos += np.asarray(att["prev_nobos_sum"], float)
+        nobos += np.asarray(att["nonsink_sum"], float)
         count += int(att["count"])
         graphs.append(es)
     if raw is None:
@@ -386,10 +388,11 @@ def previous_token(source, *, tau: float | None = None, mode: str | None = None,
     df = df.rename(columns={"rank": "importance_rank"})
     c = max(count, 1)
     df["prev_token"] = raw.reshape(-1) / c if count else np.nan
-    df["prev_token_excl_bos"] = nobos.reshape(-1) / c if count else np.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df["prev_token_excl_bos"] = np.where(nobos.reshape(-1) > 0, raw.reshape(-1) / nobos.reshape(-1), np.nan)
     df["n_positions"] = count
     df["prev_rank"] = df["prev_token"].rank(ascending=False, method="min").astype(int)
-    df["prev_rank_excl_bos"] = df["prev_token_excl_bos"].rank(ascending=False, method="min").astype(int)
+    df["prev_rank_excl_bos"] = df["prev_token_excl_bos"].rank(ascending=False, method="min", na_option="bottom").astype(int)
     return df
 
 

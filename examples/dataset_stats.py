@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--figure", default=str(HERE / "figures" / "dataset-stats.png"))
     ap.add_argument("--stages", type=int, default=None)
     ap.add_argument("--tau", type=float, default=0.04)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
+    ap.add_argument("--report-only", action="store_true", help="no jobs: report on the results already in --work")
     args = ap.parse_args()
 
     import matplotlib
@@ -51,11 +53,18 @@ def main() -> None:
 
     work = Path(args.work)
     t0 = time.time()
-    pipe = routescope.load("smollm2-135m", stages=args.stages)
-    prose = routescope.run_job(HERE / "data" / "sentences.txt", work / "prose", pipeline=pipe, tau=args.tau,
-                               in_flight=8, progress=True)
-    code = routescope.run_job(HERE / "data" / "code.txt", work / "code", pipeline=pipe, tau=args.tau,
-                              in_flight=8, progress=True)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.report_only:
+        prose, code = routescope.open_results(work / "prose"), routescope.open_results(work / "code")
+    else:
+        pipe = routescope.load("smollm2-135m", stages=args.stages)
+        prose = routescope.run_job(HERE / "data" / "sentences.txt", work / "prose", pipeline=pipe, tau=args.tau,
+                                   in_flight=8, progress=True)
+        code = routescope.run_job(HERE / "data" / "code.txt", work / "code", pipeline=pipe, tau=args.tau,
+                                  in_flight=8, progress=True)
     elapsed = time.time() - t0
 
     imp = prose.importance()
@@ -109,8 +118,9 @@ def main() -> None:
         "* **previous-token score**: mean over positions of `pattern[h, t, t-1]`. **BOS sink**: SmolLM2 parks most "
         "attention on position 0 (BOS). Position t = 1, whose previous token *is* BOS, is excluded (a sink head would "
         "otherwise score as a previous-token head there); the mean runs over t >= 2, token-weighted over the dataset. "
-        "`prev_token_excl_bos` additionally divides by the attention not on BOS, `pattern[t, t-1] / (1 - pattern[t, 0])`, "
-        "i.e. the share of the head's *non-sink* attention that goes to the previous token.",
+        "`prev_token_excl_bos` is the share of the head's *non-sink* attention that goes to the previous token, a ratio "
+        "of dataset sums: `sum pattern[t, t-1] / sum_{s >= 1} pattern[t, s]` (a ratio of sums, so a head that sends "
+        "almost nothing beyond BOS cannot score high on a few tokens of noise).",
         "",
         "## Trivial importance",
         "",

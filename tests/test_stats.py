@@ -164,7 +164,7 @@ def test_previous_token_scores_by_hand():
     s1 = previous_token_sums(FakeGraph(p1), bos_sink=True)
     assert s1["count"] == 2  # t = 2, 3 (t = 1 attends to the sink as its previous token)
     np.testing.assert_allclose(s1["prev_sum"], [[0.8 + 0.6, 0.05 + 0.1]])
-    np.testing.assert_allclose(s1["prev_nobos_sum"], [[0.8 / 0.8 + 0.6 / 0.6, 0.05 / 0.1 + 0.1 / 0.3]])
+    np.testing.assert_allclose(s1["nonsink_sum"], [[0.8 + 0.6, 0.1 + 0.3]])  # attention beyond position 0
     s_nobos = previous_token_sums(FakeGraph(p1), bos_sink=False)
     assert s_nobos["count"] == 3
     np.testing.assert_allclose(s_nobos["prev_sum"], [[0.5 + 0.8 + 0.6, 0.9 + 0.05 + 0.1]])
@@ -184,8 +184,8 @@ def test_previous_token_scores_by_hand():
     t = previous_token([es_with(s1), es_with(s2)]).set_index("component")
     assert t.loc["L0H0", "prev_token"] == pytest.approx((1.4 + 0.1) / 3)
     assert t.loc["L0H1", "prev_token"] == pytest.approx((0.15 + 0.3) / 3)
-    assert t.loc["L0H0", "prev_token_excl_bos"] == pytest.approx((2.0 + 0.1 / 0.5) / 3)
-    assert t.loc["L0H1", "prev_token_excl_bos"] == pytest.approx((0.5 + 0.1 / 0.3 + 0.3 / 0.8) / 3)
+    assert t.loc["L0H0", "prev_token_excl_bos"] == pytest.approx((1.4 + 0.1) / (1.4 + 0.5))
+    assert t.loc["L0H1", "prev_token_excl_bos"] == pytest.approx((0.15 + 0.3) / (0.4 + 0.8))
     assert t.loc["L0H0", "prev_rank"] == 1 and t.loc["L0H1", "prev_rank"] == 2
     assert t.loc["L0H0", "frequency"] == 1.0 and t.loc["L0H1", "frequency"] == 0.0
     assert t.loc["L0H0", "importance_rank"] == 1 and t.loc["L0H1", "importance_rank"] == 2
