@@ -107,19 +107,110 @@ def expand_kv(v: torch.Tensor, n_heads: int) -> torch.Tensor:
     return v.repeat_interleave(n_heads // n_kv, dim=1)
 
 
+@dataclass
+class HeadOutputs:
+    """Per-layer L1 helpers: ``u[h, s]`` and, per (head, coordinate), sources sorted by ``|u|``."""
+
+    u: torch.Tensor  # [H, T, d] fp32
+    abs_sorted: torch.Tensor  # [H, d, T] ascending |u| over sources
+    order: torch.Tensor  # [H, d, T] source index of each sorted entry
+
+    @classmethod
+    def build(cls, v: torch.Tensor, W_O: torch.Tensor) -> "HeadOutputs":
+        u = head_outputs(v, W_O)
+        abs_sorted, order = u.abs().transpose(1, 2).contiguous().sort(dim=-1)
+        return cls(u, abs_sorted, order)
+
+
+SMALL_COORDS = 48  # per target, the smallest |y_i| are corrected densely for every part
+TOP_SOURCES = 8  # per (head, target), sources corrected over every coordinate
+
+
+def _l1_correction(
+    heads: HeadOutputs, a: torch.Tensor, y: torch.Tensor, t0: int, chunk_bytes: int
+) -> torch.Tensor:
+    """``sum_i [sign(y_i) u_i > 0] relu(a|u_i| - |y_i|)`` for every part, exactly: ``[H, C, S]``.
+
+    Most parts need no correction. The few largest attention weights of each (head, target) are
+    corrected over all coordinates; for every other source ``a <= a_rest`` (the next largest),
+    so a coordinate can only need correcting where ``|u_i| > |y_i| / a_rest``. Sorting ``|u|``
+    over sources per (head, coordinate) turns that into a ``searchsorted`` count, and only those
+    (target, source, head, coordinate) quadruples are ever evaluated.
+    """
+    H, C, S = a.shape
+    d = y.shape[-1]
+    y_abs = y.abs()
+    positive = y >= 0  # sign(0) = +1
+    corr = torch.zeros(H, C, S, device=a.device)
+    m = min(TOP_SOURCES, S)
+    top = torch.topk(a, min(m + 1, S), dim=-1)
+    top_s = top.indices[..., :m]  # [H, C, m]
+    a_top = top.values[..., :m]
+    a_rest = top.values[..., m] if S > m else torch.zeros(H, C, device=a.device)
+    # Exact over all coordinates for the top sources (the attention sink among them).
+    h_idx = torch.arange(H, device=a.device)[:, None, None]
+    ua = a_top[..., None] * heads.u[h_idx, top_s]  # [H, C, m, d]
+    same = (ua >= 0) == positive[None, :, None, :]
+    corr_top = torch.where(same & (ua != 0), (ua.abs() - y_abs[None, :, None, :]).clamp_min(0.0), 0.0).sum(-1)
+    corr.scatter_add_(2, top_s, corr_top)
+    is_top = torch.zeros(H, C, S, dtype=torch.bool, device=a.device)
+    is_top.scatter_(2, top_s, True)
+    # The rest: candidates from the sorted |u| per (head, coordinate).
+    # The k smallest |y_i| of each target attract most corrections: do them densely for every part.
+    k = min(SMALL_COORDS, d)
+    small = torch.topk(y_abs, k, dim=-1, largest=False).indices  # [C, k]
+    c_idx = torch.arange(C, device=a.device)[:, None]
+    u_small = heads.u[:, :S].transpose(1, 2)[:, small]  # [H, C, k, S]
+    ua_small = a[:, :, None, :] * u_small  # [H, C, k, S]
+    same_small = (ua_small >= 0) == positive[c_idx, small][None, :, :, None]
+    excess = (ua_small.abs() - y_abs[c_idx, small][None, :, :, None]).clamp_min(0.0)
+    corr += torch.where(same_small & (ua_small != 0) & ~is_top[:, :, None, :], excess, 0.0).sum(2)
+    del u_small, ua_small, same_small, excess
+    n_src = heads.abs_sorted.shape[-1]
+    theta = y_abs[None] / a_rest[..., None].clamp_min(1e-30)  # [H, C, d]
+    theta[:, c_idx, small] = float("inf")  # already done densely
+    # Batched over (head, coordinate): [H, d, T] sorted rows, [H, d, C] queries.
+    first = torch.searchsorted(heads.abs_sorted, theta.transpose(1, 2).contiguous(), right=True).transpose(1, 2)
+    count = n_src - first  # [H, C, d]: sources with |u| > theta
+    per_row = count.sum(dim=(0, 2))  # candidates per target row
+    # Expanding a candidate takes ~10 int64/fp32 temporaries: bound rows per step by the budget.
+    rows_per_step = max(1, int(chunk_bytes // (80 * max(1, int(per_row.max())))))
+    for c0 in range(0, C, rows_per_step):
+        cnt = count[:, c0 : c0 + rows_per_step]
+        total = int(cnt.sum())
+        if total == 0:
+            continue
+        h, c, i = cnt.nonzero(as_tuple=True)
+        reps = cnt[h, c, i]
+        h, c, i, f = (x.repeat_interleave(reps) for x in (h, c + c0, i, first[h, c + c0, i]))
+        # j-th candidate of a run: sorted position first + j
+        starts = torch.cumsum(reps, 0) - reps
+        j = torch.arange(total, device=a.device) - starts.repeat_interleave(reps)
+        s = heads.order[h, i, f + j]
+        keep = (s <= c + t0) & (s < S)
+        h, c, i, s = h[keep], c[keep], i[keep], s[keep]
+        keep = ~is_top[h, c, s]
+        h, c, i, s = h[keep], c[keep], i[keep], s[keep]
+        uu = heads.u[h, s, i]
+        val = a[h, c, s] * uu.abs() - y_abs[c, i]
+        ok = (val > 0) & ((uu >= 0) == positive[c, i]) & (uu != 0)
+        flat = (h * C + c) * S + s
+        corr.view(-1).scatter_add_(0, flat[ok], val[ok])
+    return corr
+
+
 def attention_proximity_chunk(
     acts: LayerActivations,
     t0: int,
     t1: int,
     norm: Norm,
-    u: torch.Tensor | None = None,
-    u_absmax: torch.Tensor | None = None,
+    heads: HeadOutputs | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> torch.Tensor:
     """Raw proximities (before ``eps`` clamp) of the parts ``(s, h)`` of targets ``t0..t1-1``.
 
     Returns fp32 ``[H, t1 - t0, t1]``; entries with ``s > t`` are meaningless (callers mask them).
-    ``u`` / ``u_absmax`` may be passed in to reuse them across chunks (L1 only).
+    ``heads`` (L1 only) may be passed in to reuse it across chunks of one layer.
     """
     n_heads = acts.W_O.shape[0]
     y = acts.attn_whole[t0:t1].float()  # [C, d]
@@ -139,26 +230,11 @@ def attention_proximity_chunk(
     sign = torch.where(y >= 0, 1.0, -1.0)  # sign(0) = +1 by convention
     sign_q = torch.einsum("cd,hed->hce", sign, W_O)  # [H, C, dh]
     prox = a * (sign_q @ v.transpose(1, 2))  # [H, C, S]: a * <sign(y), u>
-    if u is None:
-        u = head_outputs(acts.v[:t1], acts.W_O)  # [H, S, d]
-    if u_absmax is None:
-        u_absmax = u.abs().amax(dim=-1)  # [H, S]
-    y_abs = y.abs()
-    y_min = y_abs.amin(dim=-1)  # [C]
+    if heads is None:
+        heads = HeadOutputs.build(acts.v, acts.W_O)
     causal = torch.ones(t1 - t0, t1, dtype=torch.bool, device=y.device).tril(t0)
-    candidates = (a * u_absmax[:, None, :t1] > y_min[None, :, None]) & causal
-    idx = candidates.nonzero()  # [n, 3]: (h, c, s)
-    if idx.numel():
-        d = y.shape[-1]
-        step = max(1, chunk_bytes // (4 * d * 4))
-        corr = torch.empty(idx.shape[0], device=y.device)
-        for i in range(0, idx.shape[0], step):
-            h, c, s = idx[i : i + step].unbind(1)
-            ua = a[h, c, s][:, None] * u[h, s]  # [n, d]: the parts themselves
-            same = sign[c] * ua > 0
-            corr[i : i + step] = torch.where(same, (ua.abs() - y_abs[c]).clamp_min(0.0), 0.0).sum(-1)
-        prox[idx[:, 0], idx[:, 1], idx[:, 2]] -= 2 * corr
-    return prox
+    a = torch.where(causal, a, 0.0)
+    return prox - 2 * _l1_correction(heads, a, y, t0, chunk_bytes)
 
 
 def attention_contributions_chunk(
@@ -166,8 +242,7 @@ def attention_contributions_chunk(
     t0: int,
     t1: int,
     norm: Norm = "l1",
-    u: torch.Tensor | None = None,
-    u_absmax: torch.Tensor | None = None,
+    heads: HeadOutputs | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Normalised contributions to the attention whole of targets ``t0..t1-1``.
@@ -176,7 +251,7 @@ def attention_contributions_chunk(
     ``s > t``, and everything sums to 1 per target. ``c_mlp`` exists for parallel blocks only.
     """
     whole = acts.attn_whole[t0:t1]
-    prox = attention_proximity_chunk(acts, t0, t1, norm, u=u, u_absmax=u_absmax, chunk_bytes=chunk_bytes)
+    prox = attention_proximity_chunk(acts, t0, t1, norm, heads=heads, chunk_bytes=chunk_bytes)
     causal = torch.ones(t1 - t0, t1, dtype=torch.bool, device=prox.device).tril(t0)
     prox = torch.where(causal, prox.clamp_min(EPS), 0.0)  # future positions are not parts
     prox_res = proximity(whole, acts.resid_pre[t0:t1], norm)
@@ -199,10 +274,8 @@ def layer_contributions(
     n_tokens = acts.resid_pre.shape[0]
     n_heads = acts.W_O.shape[0]
     device = acts.resid_pre.device
-    u = u_absmax = None
-    if norm == "l1":
-        u = head_outputs(acts.v, acts.W_O)  # [H, T, d]: O(T H d), the size of one hook_result
-        u_absmax = u.abs().amax(dim=-1)
+    # [H, T, d] plus its sort: O(T H d log T), the size of one hook_result.
+    head_out = HeadOutputs.build(acts.v, acts.W_O) if norm == "l1" else None
     # Several [H, C, T] fp32 temporaries live at once; size C to the byte budget.
     per_target = 6 * n_heads * n_tokens * 4
     step = max(1, min(n_tokens, chunk_bytes // per_target))
@@ -211,7 +284,7 @@ def layer_contributions(
     c_ffn = torch.empty(n_tokens, device=device)
     for t0 in range(0, n_tokens, step):
         t1 = min(n_tokens, t0 + step)
-        c_attn, c_res, c_mlp = attention_contributions_chunk(acts, t0, t1, norm, u, u_absmax, chunk_bytes)
+        c_attn, c_res, c_mlp = attention_contributions_chunk(acts, t0, t1, norm, head_out, chunk_bytes)
         c_res_attn[t0:t1] = c_res
         if c_mlp is not None:
             c_ffn[t0:t1] = c_mlp
