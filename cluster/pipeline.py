@@ -8,6 +8,7 @@ layer; vocabulary projections go to the last stage; only small answers travel.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import unicodedata
 import uuid
@@ -93,7 +94,8 @@ class Pipeline:
                  *, max_tokens: int | None = None, batch_size: int = 8):
         self.checkpoint = checkpoint
         self.clients = list(clients)
-        self.info = info
+        # A stage's own ModelInfo counts only its parameters; the model's are in the checkpoint.
+        self.info = dataclasses.replace(info, n_params=checkpoint.n_parameters())
         self.tokenizer = tokenizer
         self.max_tokens = min(info.n_ctx, max_tokens) if max_tokens else info.n_ctx
         self.batch_size = batch_size

@@ -47,6 +47,19 @@ def load(model: str = DEFAULT_MODEL, *, stages: int | None = None, layers: str |
         return pipe
 
 
+def unload(pipeline: Any, close: bool = True) -> None:
+    """Forget a pipeline cached by ``load``; with ``close``, also release its stages (Ray actors).
+
+    ``close=False`` suits callers that only drop their reference while others may still use it.
+    """
+    with _pipelines_lock:
+        for key, cached in list(_pipelines.items()):
+            if cached is pipeline:
+                del _pipelines[key]
+    if close:
+        pipeline.close()
+
+
 def trace(model: str, prompt: str | Sequence[str], *, tau_min: float = 0.01, norm: str = "l1",
           prepend_bos: bool = True, **load_options: Any):
     """Trace one prompt (returns a ``FlowGraph``) or several (a list) through ``model``."""
@@ -70,7 +83,7 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["load", "trace", "FlowGraph", "Pipeline", "EdgeSet", "DEFAULT_MODEL", "__version__"]
+__all__ = ["load", "unload", "trace", "FlowGraph", "Pipeline", "EdgeSet", "DEFAULT_MODEL", "__version__"]
 
 
 def submit(dataset, results, **options: Any):

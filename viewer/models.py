@@ -120,10 +120,8 @@ class ModelRegistry:
     def _evicted(self, key: tuple, loaded: Loaded) -> None:
         import routescope
 
-        with routescope._pipelines_lock:
-            for k, p in list(routescope._pipelines.items()):
-                if p is loaded.pipeline:
-                    del routescope._pipelines[k]
+        # Sessions may still hold this pipeline: drop it from the cache, let them finish with it.
+        routescope.unload(loaded.pipeline, close=False)
 
     def get(self, spec: str, device: str = "cpu", dtype: str | None = "float32") -> Loaded:
         key = self.key(spec, device, dtype)

@@ -54,6 +54,19 @@ class Checkpoint:
         with safe_open(str(single), "pt") as f:
             return {name: single for name in f.keys()}
 
+    def n_parameters(self) -> int:
+        """Parameters of the whole model, counted from the safetensors headers (no tensor read)."""
+        import math
+        import struct
+
+        total = 0
+        for shard in set(self.weight_map().values()):
+            with open(shard, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            total += sum(math.prod(m["shape"]) for k, m in header.items() if k != "__metadata__")
+        return total
+
     def fingerprint(self) -> str:
         """A short hash of config and shard sizes/names, to tell checkpoints apart in manifests."""
         h = hashlib.sha256(self.config_path.read_bytes())
