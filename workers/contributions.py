@@ -112,14 +112,16 @@ class HeadOutputs:
     """Per-layer L1 helpers: ``u[h, s]`` and, per (head, coordinate), sources sorted by ``|u|``."""
 
     u: torch.Tensor  # [H, T, d] fp32
+    u_t: torch.Tensor  # [H, d, T] the same, coordinate-major (contiguous rows over sources)
     abs_sorted: torch.Tensor  # [H, d, T] ascending |u| over sources
     order: torch.Tensor  # [H, d, T] source index of each sorted entry
 
     @classmethod
     def build(cls, v: torch.Tensor, W_O: torch.Tensor) -> "HeadOutputs":
         u = head_outputs(v, W_O)
-        abs_sorted, order = u.abs().transpose(1, 2).contiguous().sort(dim=-1)
-        return cls(u, abs_sorted, order)
+        u_t = u.transpose(1, 2).contiguous()
+        abs_sorted, order = u_t.abs().sort(dim=-1)
+        return cls(u, u_t, abs_sorted, order)
 
 
 SMALL_COORDS = 48  # per target, the smallest |y_i| are corrected densely for every part
@@ -129,43 +131,38 @@ TOP_SOURCES = 8  # per (head, target), sources corrected over every coordinate
 def _l1_correction(
     heads: HeadOutputs, a: torch.Tensor, y: torch.Tensor, t0: int, chunk_bytes: int
 ) -> torch.Tensor:
-    """``sum_i [sign(y_i) u_i > 0] relu(a|u_i| - |y_i|)`` for every part, exactly: ``[H, C, S]``.
+    """``sum_i relu(a * sign(y_i) * u_i - |y_i|)`` for every part, exactly: ``[H, C, S]``.
 
-    Most parts need no correction. The few largest attention weights of each (head, target) are
-    corrected over all coordinates; for every other source ``a <= a_rest`` (the next largest),
-    so a coordinate can only need correcting where ``|u_i| > |y_i| / a_rest``. Sorting ``|u|``
-    over sources per (head, coordinate) turns that into a ``searchsorted`` count, and only those
-    (target, source, head, coordinate) quadruples are ever evaluated.
+    (The relu is zero where ``u_i`` and ``y_i`` differ in sign, so no separate sign test.)
+    Most parts need no correction. The largest attention weights of each (head, target) are
+    corrected over all coordinates; the smallest ``|y_i|`` of each target, which attract most
+    corrections, densely for every part. For any other (part, coordinate), ``a <= a_rest`` (the
+    next largest weight), so it can only need correcting where ``|u_i| > |y_i| / a_rest``:
+    sorting ``|u|`` over sources per (head, coordinate) turns that into a ``searchsorted``
+    count, and only those (target, source, head, coordinate) quadruples are evaluated.
     """
     H, C, S = a.shape
     d = y.shape[-1]
     y_abs = y.abs()
-    positive = y >= 0  # sign(0) = +1
-    corr = torch.zeros(H, C, S, device=a.device)
+    sign = torch.where(y >= 0, 1.0, -1.0)  # sign(0) = +1
+    c_idx = torch.arange(C, device=a.device)[:, None]
     m = min(TOP_SOURCES, S)
     top = torch.topk(a, min(m + 1, S), dim=-1)
     top_s = top.indices[..., :m]  # [H, C, m]
-    a_top = top.values[..., :m]
     a_rest = top.values[..., m] if S > m else torch.zeros(H, C, device=a.device)
     # Exact over all coordinates for the top sources (the attention sink among them).
     h_idx = torch.arange(H, device=a.device)[:, None, None]
-    ua = a_top[..., None] * heads.u[h_idx, top_s]  # [H, C, m, d]
-    same = (ua >= 0) == positive[None, :, None, :]
-    corr_top = torch.where(same & (ua != 0), (ua.abs() - y_abs[None, :, None, :]).clamp_min(0.0), 0.0).sum(-1)
-    corr.scatter_add_(2, top_s, corr_top)
-    is_top = torch.zeros(H, C, S, dtype=torch.bool, device=a.device)
-    is_top.scatter_(2, top_s, True)
-    # The rest: candidates from the sorted |u| per (head, coordinate).
-    # The k smallest |y_i| of each target attract most corrections: do them densely for every part.
+    signed_top = heads.u[h_idx, top_s] * sign[None, :, None, :]  # [H, C, m, d]
+    corr_top = (top.values[..., :m, None] * signed_top - y_abs[None, :, None, :]).clamp_min_(0.0).sum(-1)
+    corr = torch.zeros(H, C, S, device=a.device).scatter_add_(2, top_s, corr_top)
+    a_rest_parts = a.scatter(2, top_s, 0.0)  # the top sources are done
+    # The k smallest |y_i| of each target, densely for every other part.
     k = min(SMALL_COORDS, d)
     small = torch.topk(y_abs, k, dim=-1, largest=False).indices  # [C, k]
-    c_idx = torch.arange(C, device=a.device)[:, None]
-    u_small = heads.u[:, :S].transpose(1, 2)[:, small]  # [H, C, k, S]
-    ua_small = a[:, :, None, :] * u_small  # [H, C, k, S]
-    same_small = (ua_small >= 0) == positive[c_idx, small][None, :, :, None]
-    excess = (ua_small.abs() - y_abs[c_idx, small][None, :, :, None]).clamp_min(0.0)
-    corr += torch.where(same_small & (ua_small != 0) & ~is_top[:, :, None, :], excess, 0.0).sum(2)
-    del u_small, ua_small, same_small, excess
+    signed_small = heads.u_t[:, small, :S] * sign[c_idx, small][None, :, :, None]  # [H, C, k, S]
+    signed_small.mul_(a_rest_parts[:, :, None, :]).sub_(y_abs[c_idx, small][None, :, :, None]).clamp_min_(0.0)
+    corr += signed_small.sum(2)
+    del signed_small
     n_src = heads.abs_sorted.shape[-1]
     theta = y_abs[None] / a_rest[..., None].clamp_min(1e-30)  # [H, C, d]
     theta[:, c_idx, small] = float("inf")  # already done densely
@@ -189,13 +186,9 @@ def _l1_correction(
         s = heads.order[h, i, f + j]
         keep = (s <= c + t0) & (s < S)
         h, c, i, s = h[keep], c[keep], i[keep], s[keep]
-        keep = ~is_top[h, c, s]
-        h, c, i, s = h[keep], c[keep], i[keep], s[keep]
-        uu = heads.u[h, s, i]
-        val = a[h, c, s] * uu.abs() - y_abs[c, i]
-        ok = (val > 0) & ((uu >= 0) == positive[c, i]) & (uu != 0)
-        flat = (h * C + c) * S + s
-        corr.view(-1).scatter_add_(0, flat[ok], val[ok])
+        val = a_rest_parts[h, c, s] * heads.u[h, s, i] * sign[c, i] - y_abs[c, i]
+        ok = val > 0
+        corr.view(-1).scatter_add_(0, ((h * C + c) * S + s)[ok], val[ok])
     return corr
 
 
