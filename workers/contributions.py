@@ -31,7 +31,7 @@ import torch
 
 EPS = 1e-5
 Norm = Literal["l1", "l2"]
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+DEFAULT_CHUNK_BYTES = 16 * 2**20  # CPU: cache-sized chunks win; GPUs take larger (see Stage)
 
 
 @dataclass
@@ -124,7 +124,7 @@ class HeadOutputs:
         return cls(u, u_t, abs_sorted, order)
 
 
-SMALL_COORDS = 48  # per target, the smallest |y_i| are corrected densely for every part
+SMALL_COORDS = 16  # per target, the smallest |y_i| are corrected densely for every part
 TOP_SOURCES = 8  # per (head, target), sources corrected over every coordinate
 
 
@@ -269,8 +269,9 @@ def layer_contributions(
     device = acts.resid_pre.device
     # [H, T, d] plus its sort: O(T H d log T), the size of one hook_result.
     head_out = HeadOutputs.build(acts.v, acts.W_O) if norm == "l1" else None
-    # Several [H, C, T] fp32 temporaries live at once; size C to the byte budget.
-    per_target = 6 * n_heads * n_tokens * 4
+    # Several [H, C, T] fp32 temporaries and the [H, C, k, T] small-coordinate pass live at once;
+    # size C to the byte budget (small chunks also skip more of the non-causal half).
+    per_target = (6 + 2 * SMALL_COORDS) * n_heads * n_tokens * 4
     step = max(1, min(n_tokens, chunk_bytes // per_target))
     heads, edges = [], []
     c_res_attn = torch.empty(n_tokens, device=device)

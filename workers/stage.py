@@ -166,7 +166,7 @@ class Stage:
         device: str = "cpu",
         dtype: str | torch.dtype | None = None,
         cache_bytes: int = 2 * 2**30,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
     ):
         from transformer_lens.model_bridge.sources import build_bridge_from_module
 
@@ -180,7 +180,8 @@ class Stage:
         self.first, self.last = start == 0, stop == total
         self.device = torch.device(device)
         self.dtype = _dtype(dtype, config)
-        self.chunk_bytes = chunk_bytes
+        # Bigger target chunks keep a GPU busy; on CPU cache-sized chunks are faster.
+        self.chunk_bytes = chunk_bytes or (DEFAULT_CHUNK_BYTES * 16 if self.device.type == "cuda" else DEFAULT_CHUNK_BYTES)
         self.full_config = config
         self.hf_model, stage_config = self._build_hf_model(config)
         self.tokenizer = _load_tokenizer(self.checkpoint)
