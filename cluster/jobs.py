@@ -245,7 +245,10 @@ class JobSpec:
         args = ["--model", self.model, "--dataset", self.dataset, "--results", self.results,
                 "--column", self.column, "--tau-min", repr(float(self.tau_min)), "--norm", self.norm,
                 "--positions", self.positions, "--in-flight", str(self.in_flight),
-                "--gpus-per-stage", repr(float(self.gpus_per_stage)), "--cpus-per-stage", repr(float(self.cpus_per_stage))]
+                "--gpus-per-stage", repr(float(self.gpus_per_stage)), "--cpus-per-stage", repr(float(self.cpus_per_stage)),
+                "--tau", repr(float(self.tau)), "--mode", self.mode]
+        if not self.prepend_bos:
+            args.append("--no-bos")
         if self.stages is not None:
             args += ["--stages", str(self.stages)]
         if self.layers is not None:
@@ -258,9 +261,7 @@ class JobSpec:
 
     def env(self) -> dict[str, str]:
         """Options the CLI has no flag for travel as environment variables."""
-        env = {"ROUTESCOPE_JOB_TAU": repr(float(self.tau)), "ROUTESCOPE_JOB_MODE": self.mode,
-               "ROUTESCOPE_JOB_PREPEND_BOS": "1" if self.prepend_bos else "0",
-               "ROUTESCOPE_JOB_ATTENTION": "1" if self.attention else "0"}
+        env = {"ROUTESCOPE_JOB_ATTENTION": "1" if self.attention else "0"}
         if self.throttle_s:
             env["ROUTESCOPE_JOB_THROTTLE_S"] = repr(float(self.throttle_s))
         if self.job_id:
@@ -276,9 +277,9 @@ def spec_from_args(args: Any, env: dict[str, str] | None = None) -> JobSpec:
         address=args.address, gpus_per_stage=args.gpus_per_stage, cpus_per_stage=args.cpus_per_stage,
         device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", None), column=args.column,
         tau_min=args.tau_min, norm=args.norm, positions=args.positions, in_flight=args.in_flight,
-        tau=float(getattr(args, "tau", None) or env.get("ROUTESCOPE_JOB_TAU", 0.04)),
-        mode=getattr(args, "mode", None) or env.get("ROUTESCOPE_JOB_MODE", "renormalize"),
-        prepend_bos=not getattr(args, "no_bos", False) and env.get("ROUTESCOPE_JOB_PREPEND_BOS", "1") != "0",
+        tau=float(args.tau),
+        mode=args.mode,
+        prepend_bos=not args.no_bos,
         attention=env.get("ROUTESCOPE_JOB_ATTENTION", "1") != "0",
         throttle_s=float(env.get("ROUTESCOPE_JOB_THROTTLE_S", 0) or 0),
         job_id=env.get("ROUTESCOPE_JOB_ID") or None,
@@ -416,34 +417,11 @@ def _load_pipeline(spec: JobSpec):
     return routescope.load(spec.model, device=spec.device, **kwargs)
 
 
-def _pattern_api() -> bool:
-    """Whether stages answer ``attention_patterns(run_id, layer)`` (all heads of a layer at once)."""
-    from routescope.workers.stage import Stage
-
-    return hasattr(Stage, "attention_patterns")
-
-
 def _layer_patterns(graph, layer: int) -> np.ndarray:
-    """``pattern[h, t, s]`` of every head of ``layer`` with one detail call where possible.
-
-    Preferred: a stage method ``attention_patterns(run_id, layer)`` (proposed API). Until stages
-    have it, the layer's cached activations are read in one call; the per-head
-    ``attention_maps`` (which also computes contribution maps, ~100x dearer) is the last resort.
-    """
-    backend = graph.backend
-    if backend is not None and graph.run_id is not None:
-        if _pattern_api():
-            return np.asarray(backend.ask(graph.run_id, layer, "attention_patterns", layer), dtype=np.float64)
-        if _ACTS_OK[0]:
-            try:
-                acts = backend.ask(graph.run_id, layer, "_acts", layer)
-                return acts["attn.hook_pattern"].float().cpu().numpy().astype(np.float64)
-            except Exception:  # noqa: BLE001 - remote stages may not expose it
-                _ACTS_OK[0] = False
-    return np.stack([graph.attention_maps(layer, h)[0] for h in range(graph.n_heads)]).astype(np.float64)
-
-
-_ACTS_OK = [True]
+    """``pattern[h, t, s]`` of every head of ``layer``, in one detail call to the owning stage."""
+    if graph.backend is None or graph.run_id is None:  # e.g. a hand-made graph: per-head maps
+        return np.stack([graph.attention_maps(layer, h)[0] for h in range(graph.n_heads)]).astype(np.float64)
+    return np.asarray(graph.backend.ask(graph.run_id, layer, "attention_patterns", layer), dtype=np.float64)
 
 
 def previous_token_sums(graph, *, bos_sink: bool) -> dict[str, Any]:

@@ -58,14 +58,20 @@ def client(address: str | None = None, token: str | None = None, timeout: float 
     address = _address(address)
     tok = _token(token)
     headers = {"Authorization": f"Bearer {tok}"} if tok else None
-    # The client checks the cluster's auth mode itself; the token is all it needs from us.
-    if tok and not os.environ.get("RAY_AUTH_MODE"):
-        os.environ["RAY_AUTH_MODE"] = "token"
     _probe(address, headers, timeout)
+    # The client wants RAY_AUTH_MODE=token while it connects. Set it only for that moment: left in
+    # the environment, a later ray.init() in this process would start a token-mode GCS that its
+    # own (already configured) driver cannot talk to.
+    saved = os.environ.get("RAY_AUTH_MODE")
+    if tok and saved is None:
+        os.environ["RAY_AUTH_MODE"] = "token"
     try:
         return JobSubmissionClient(address, headers=headers)
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ...
         raise RuntimeError(f"cannot reach the Ray cluster at {address}: {type(exc).__name__}: {exc}") from None
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
 
 
 def _probe(address: str, headers: dict[str, str] | None, timeout: float) -> None:

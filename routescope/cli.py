@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tau-min", type=float, default=0.01)
         p.add_argument("--norm", default="l1", choices=["l1", "l2"])
         p.add_argument("--positions", default="last", choices=["last", "all"])
+        p.add_argument("--tau", type=float, default=0.04, help="route threshold of the route summaries")
+        p.add_argument("--mode", default="renormalize", choices=["renormalize", "plain"])
+        p.add_argument("--no-bos", action="store_true", help="do not prepend the model's BOS token")
         p.add_argument("--in-flight", type=int, default=4, help="prompts in flight at once")
         if name == "submit":
             p.add_argument("--wait", action="store_true", help="wait for the job and stream its logs")

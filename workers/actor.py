@@ -26,7 +26,8 @@ import ray
 import torch
 
 DETAIL_METHODS = frozenset(
-    {"vector", "head_contributions", "attention_maps", "neurons", "project", "parameter_bytes", "has_run"}
+    {"vector", "head_contributions", "attention_maps", "attention_patterns", "neurons", "project",
+     "parameter_bytes", "has_run"}
 )
 
 

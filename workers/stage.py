@@ -447,6 +447,10 @@ class Stage:
         return (acts["attn.hook_pattern"][head].float().cpu().numpy(),
                 head_contribution_map(la, head, norm).cpu().numpy())
 
+    def attention_patterns(self, run_id: str, layer: int) -> np.ndarray:
+        """Every head's attention pattern of one layer, ``[H, T, T]`` fp32 (dataset statistics)."""
+        return self._acts(run_id, layer)["attn.hook_pattern"].float().cpu().numpy()
+
     def neurons(self, run_id: str, layer: int, pos: int, k: int = 20, norm: Norm = "l1") -> list[dict[str, float]]:
         """Neurons of the FFN at ``(layer, pos)`` ranked by per-neuron contribution (SPEC 4)."""
         acts = self._acts(run_id, layer)
