@@ -94,6 +94,10 @@ def main() -> int:
             nodes = [f"I{L - 1}_{n_tok - 1}", f"A{L - 1}_{n_tok - 1}"]
             for i in range(args.repeat):
                 node = nodes[i % 2]
+                # Park the pointer off the plot first: a hover tooltip left over from the previous
+                # click can cover a node drawn beside it and swallow the next click.
+                page.mouse.move(1, 1)
+                page.wait_for_timeout(300)
                 t0 = time.perf_counter()
                 click_data(page, *node_xy(node))
                 clicks.append(detail_is(page, node, t0))
