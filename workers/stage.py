@@ -13,6 +13,7 @@ import copy
 import re
 import threading
 import uuid
+from functools import partial
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -313,36 +314,63 @@ class Stage:
         prompt. With ``keep``, activations are cached under ``run_ids`` for detail queries.
         """
         with self._lock, torch.inference_mode():
-            resid_out, layers = self._run(inputs, lengths)
-            payloads = []
-            for b, n in enumerate(lengths):
-                acts = [self._slice(layer, b, n) for layer in layers]
-                payloads.append(self._edge_set(acts, n, norm, tau_min).encode())
-                if keep and run_ids is not None:
-                    self.store.put(run_ids[b], {"input": _row(inputs, b, n), "layers": acts})
+            keep = keep and run_ids is not None and self._fits_cache(inputs.shape[1], lengths)
+            columns: list[dict[str, list]] = [_new_columns() for _ in lengths]
+            kept: list[list[dict[str, torch.Tensor]]] = [[] for _ in lengths]
+
+            def on_layer(i: int, layer: dict[str, torch.Tensor]) -> None:
+                # Each layer's contributions are computed as soon as it has run, so only one
+                # layer's activations (its [H, T, T] pattern above all) are alive at a time.
+                for b, n in enumerate(lengths):
+                    acts = self._slice(layer, b, n)
+                    self._add_layer(columns[b], i, acts, norm, tau_min)
+                    if keep:
+                        kept[b].append(acts)
+
+            resid_out = self._run(inputs, lengths, on_layer)
+            payloads = [self._edge_set(columns[b], n, norm, tau_min).encode() for b, n in enumerate(lengths)]
+            if keep:
+                for b, n in enumerate(lengths):
+                    self.store.put(run_ids[b], {"input": _row(inputs, b, n), "layers": kept[b]})
         return resid_out, payloads
 
-    def _run(self, inputs: torch.Tensor, lengths: list[int]):
+    def _fits_cache(self, n_tokens: int, lengths: list[int]) -> bool:
+        """Whether the batch's activations fit the detail cache (else they are not kept at all)."""
+        H, n_kv, d, d_ff = self.info.n_heads, self.info.n_kv_heads, self.info.d_model, self.info.d_ff
+        itemsize = torch.finfo(self.dtype).bits // 8
+        per_layer = sum(4 * n * d + n * n_kv * self.info.d_head + H * n * n + n * d_ff for n in lengths)
+        return per_layer * itemsize * (self.stop - self.start) <= self.store.max_bytes
+
+    def _run(self, inputs: torch.Tensor, lengths: list[int], on_layer) -> torch.Tensor:
+        """Forward through the bridge; ``on_layer(i, activations)`` as each layer completes."""
         batch, n_tok = inputs.shape[:2]
         mask = torch.zeros(batch, n_tok, dtype=torch.long)
         for b, n in enumerate(lengths):
             mask[b, n_tok - n :] = 1
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         mask, positions = mask.to(self.device), positions.to(self.device)
-        names = {f"blocks.{i}.{h}" for i in range(self.stop - self.start) for h in _HOOKS}
-        kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": positions, "names_filter": lambda n: n in names}
+        n_layers = self.stop - self.start
+        current: dict[int, dict[str, torch.Tensor]] = {}
+        out: list[torch.Tensor] = []
+
+        def capture(i: int, name: str, tensor: torch.Tensor, hook) -> None:
+            current.setdefault(i, {})[name] = tensor.detach()
+            if name == "hook_resid_post":  # the last hook of block i
+                layer = current.pop(i)
+                on_layer(i, layer)
+                if i == n_layers - 1:
+                    out.append(layer["hook_resid_post"])
+
+        hooks = [(f"blocks.{i}.{h}", partial(capture, i, h)) for i in range(n_layers) for h in _HOOKS
+                 if f"blocks.{i}.{h}" in self.bridge.hook_dict]
+        kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": positions, "fwd_hooks": hooks}
         if self.first:
             if inputs.dtype.is_floating_point:
                 raise ValueError("the first stage takes token ids")
-            _, cache = self.bridge.run_with_cache(inputs.to(self.device), prepend_bos=False, **kwargs)
+            self.bridge.run_with_hooks(inputs.to(self.device), prepend_bos=False, **kwargs)
         else:
-            resid = inputs.to(self.device, self.dtype)
-            _, cache = self.bridge.run_with_cache(resid, start_at_layer=0, **kwargs)
-        n = self.stop - self.start
-        layers = [
-            {h: cache[f"blocks.{i}.{h}"] for h in _HOOKS if f"blocks.{i}.{h}" in cache} for i in range(n)
-        ]
-        return layers[-1]["hook_resid_post"], layers
+            self.bridge.run_with_hooks(inputs.to(self.device, self.dtype), start_at_layer=0, **kwargs)
+        return out[0]
 
     def _slice(self, layer: dict[str, torch.Tensor], b: int, n: int) -> dict[str, torch.Tensor]:
         """One prompt's activations of one layer without its left padding (model dtype)."""
@@ -366,17 +394,18 @@ class Stage:
             W_O=self.W_O[i],
         )
 
-    def _edge_set(self, acts: list[dict[str, torch.Tensor]], n_tokens: int, norm: Norm, tau_min: float) -> EdgeSet:
-        cols: dict[str, list] = {k: [] for k in ("hl", "ht", "hs", "hh", "hw", "el", "et", "es", "ew", "ra", "f", "rf")}
-        for i, layer in enumerate(acts):
-            c = layer_contributions(self._layer_acts(layer, i), norm, tau_min, self.chunk_bytes)
-            g = self.start + i
-            cols["hl"].append(torch.full_like(c.head_target, g))
-            cols["el"].append(torch.full_like(c.edge_target, g))
-            for key, val in (("ht", c.head_target), ("hs", c.head_source), ("hh", c.head_head), ("hw", c.head_weight),
-                             ("et", c.edge_target), ("es", c.edge_source), ("ew", c.edge_weight),
-                             ("ra", c.c_res_attn), ("f", c.c_ffn), ("rf", c.c_res_ffn)):
-                cols[key].append(val)
+    def _add_layer(self, cols: dict[str, list], i: int, acts: dict[str, torch.Tensor], norm: Norm,
+                   tau_min: float) -> None:
+        c = layer_contributions(self._layer_acts(acts, i), norm, tau_min, self.chunk_bytes)
+        g = self.start + i
+        cols["hl"].append(torch.full_like(c.head_target, g))
+        cols["el"].append(torch.full_like(c.edge_target, g))
+        for key, val in (("ht", c.head_target), ("hs", c.head_source), ("hh", c.head_head), ("hw", c.head_weight),
+                         ("et", c.edge_target), ("es", c.edge_source), ("ew", c.edge_weight),
+                         ("ra", c.c_res_attn), ("f", c.c_ffn), ("rf", c.c_res_ffn)):
+            cols[key].append(val)
+
+    def _edge_set(self, cols: dict[str, list], n_tokens: int, norm: Norm, tau_min: float) -> EdgeSet:
         # One device-to-host copy per column per prompt.
         flat = {k: torch.cat(v).cpu().numpy() if k not in ("ra", "f", "rf") else torch.stack(v).cpu().numpy()
                 for k, v in cols.items()}
@@ -477,6 +506,10 @@ class Stage:
 
     def new_run_id(self) -> str:
         return uuid.uuid4().hex
+
+
+def _new_columns() -> dict[str, list]:
+    return {k: [] for k in ("hl", "ht", "hs", "hh", "hw", "el", "et", "es", "ew", "ra", "f", "rf")}
 
 
 def _row(inputs: torch.Tensor, b: int, n: int) -> torch.Tensor:
