@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 
 from routescope.workers.checkpoint import Checkpoint
 
@@ -46,15 +44,8 @@ def layer_bytes(checkpoint: Checkpoint, n_layers: int) -> tuple[list[int], int, 
     """Parameter bytes per layer, of the embedding side and of the output side (from headers only)."""
     from routescope.workers.stage import _layer_key
 
-    sizes: dict[str, int] = {}
-    for shard in set(checkpoint.weight_map().values()):
-        with open(shard, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                start, stop = meta["data_offsets"]
-                sizes[name] = stop - start
+    sizes = {name: meta["data_offsets"][1] - meta["data_offsets"][0]
+             for name, meta in checkpoint.tensor_headers().items()}
     per_layer = [0] * n_layers
     embed = unembed = 0
     for name, size in sizes.items():

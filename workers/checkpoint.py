@@ -54,18 +54,23 @@ class Checkpoint:
         with safe_open(str(single), "pt") as f:
             return {name: single for name in f.keys()}
 
-    def n_parameters(self) -> int:
-        """Parameters of the whole model, counted from the safetensors headers (no tensor read)."""
-        import math
+    def tensor_headers(self) -> dict[str, dict]:
+        """Tensor name -> safetensors header entry (dtype, shape, data_offsets); no tensor is read."""
         import struct
 
-        total = 0
+        headers: dict[str, dict] = {}
         for shard in set(self.weight_map().values()):
             with open(shard, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(n))
-            total += sum(math.prod(m["shape"]) for k, m in header.items() if k != "__metadata__")
-        return total
+            headers.update((k, m) for k, m in header.items() if k != "__metadata__")
+        return headers
+
+    def n_parameters(self) -> int:
+        """Parameters of the whole model, counted from the safetensors headers."""
+        import math
+
+        return sum(math.prod(m["shape"]) for m in self.tensor_headers().values())
 
     def fingerprint(self) -> str:
         """A short hash of config and shard sizes/names, to tell checkpoints apart in manifests."""
