@@ -14,8 +14,8 @@ L1 exactly, without materialising parts. Per coordinate, ``|y_i| - |y_i - a z_i|
     prox = a * <sign(y), u>  -  2 * sum_i [sign(y_i) u_i > 0] * relu(a*|u_i| - |y_i|)
 
 The first term is ``a * (sign(y) @ W_O[h]^T) . v[s]``: a matmul as cheap as the attention scores.
-The correction is non-zero only where ``a * max_i|u_i| > min_i |y_i|``; those candidate triples are
-found with one comparison and corrected exactly by a gather. L2 uses
+The correction is non-zero for about 0.05% of (part, coordinate) pairs; a Hoelder bound computed
+as one more matmul per layer finds them (``_l1_correction``) and only those are evaluated. L2 uses
 ``||y - a u||^2 = ||y||^2 - 2a<y,u> + a^2||u||^2`` in the same head space.
 
 Everything is computed in chunks of target positions sized by a byte budget, causal half only, so
@@ -107,89 +107,97 @@ def expand_kv(v: torch.Tensor, n_heads: int) -> torch.Tensor:
     return v.repeat_interleave(n_heads // n_kv, dim=1)
 
 
-@dataclass
-class HeadOutputs:
-    """Per-layer L1 helpers: ``u[h, s]`` and, per (head, coordinate), sources sorted by ``|u|``."""
+BOUND_POWER = 16  # p of the Hoelder bound: the sum of p-th powers overestimates the max by <= n^(1/p)
+BOUND_SLACK = 0.05  # log-space slack covering rounding and fp32 underflow of the p-th powers
+COORD_GROUP = 72  # coordinates per group: one bound per (group, head, target, source)
+_TINY = 1e-30
 
-    u: torch.Tensor  # [H, T, d] fp32
-    u_t: torch.Tensor  # [H, d, T] the same, coordinate-major (contiguous rows over sources)
-    abs_sorted: torch.Tensor  # [H, d, T] ascending |u| over sources
-    order: torch.Tensor  # [H, d, T] source index of each sorted entry
+
+def _pow16_(x: torch.Tensor) -> torch.Tensor:
+    for _ in range(4):  # x**16 by squaring: exact enough and 4 cheap passes
+        x.mul_(x)
+    return x
+
+
+@dataclass
+class L1Bounds:
+    """Per-layer tables for the exact L1 correction (see ``_l1_correction``).
+
+    Coordinates are split into ``G`` groups of ``dg``; for every source ``s``, head ``h`` and group
+    ``g``: ``U = max_i |u_i|`` and ``x_i = (max(u_i, 0) / U)^p`` followed by ``(max(-u_i, 0) / U)^p``.
+    """
+
+    rows: torch.Tensor  # [H, S, G, dg] u, zero-padded to whole groups
+    powers: torch.Tensor  # [G, S, H, 2 * dg] signed p-th powers of u / U
+    max_abs: torch.Tensor  # [G, S, H] U, at least _TINY
 
     @classmethod
-    def build(cls, v: torch.Tensor, W_O: torch.Tensor) -> "HeadOutputs":
-        u = head_outputs(v, W_O)
-        u_t = u.transpose(1, 2).contiguous()
-        abs_sorted, order = u_t.abs().sort(dim=-1)
-        return cls(u, u_t, abs_sorted, order)
+    def build(cls, v: torch.Tensor, W_O: torch.Tensor, group: int = COORD_GROUP) -> "L1Bounds":
+        u = head_outputs(v, W_O)  # [H, S, d]
+        H, S, d = u.shape
+        dg = min(group, d)
+        G = -(-d // dg)
+        if G * dg > d:
+            u = torch.nn.functional.pad(u, (0, G * dg - d))
+        ug = u.view(H, S, G, dg)
+        U = ug.abs().amax(-1).clamp_min_(_TINY)  # [H, S, G]
+        scaled = (ug / U[..., None]).permute(2, 1, 0, 3)  # [G, S, H, dg]
+        powers = torch.empty(G, S, H, 2, dg, device=u.device)
+        torch.clamp_min(scaled, 0.0, out=powers[:, :, :, 0])
+        torch.clamp_max(scaled, 0.0, out=powers[:, :, :, 1])
+        _pow16_(powers)  # (-x)^16 = x^16: the second half holds the negative parts
+        return cls(ug, powers.view(G, S, H, 2 * dg), U.permute(2, 1, 0).contiguous())
 
 
-SMALL_COORDS = 16  # per target, the smallest |y_i| are corrected densely for every part
-TOP_SOURCES = 8  # per (head, target), sources corrected over every coordinate
+def _l1_correction(bounds: L1Bounds, a: torch.Tensor, y: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
+    """``sum_i relu(a * sign(y_i) * u_i - |y_i|)`` for every part, exactly: fp32 ``[H, C, S]``.
 
+    A coordinate needs correcting only where ``sign(y_i) u_i > 0`` and ``a |u_i| / |y_i| > 1``.
+    Per (group, head, target, source) the largest such ratio is bounded by a matmul::
 
-def _l1_correction(
-    heads: HeadOutputs, a: torch.Tensor, y: torch.Tensor, t0: int, chunk_bytes: int
-) -> torch.Tensor:
-    """``sum_i relu(a * sign(y_i) * u_i - |y_i|)`` for every part, exactly: ``[H, C, S]``.
+        max_i a|u_i|/|y_i|  <=  a * U / Y * (sum_i x_i z_i)^(1/p),   z_i = (Y / |y_i|)^p [signs agree]
 
-    (The relu is zero where ``u_i`` and ``y_i`` differ in sign, so no separate sign test.)
-    Most parts need no correction. The largest attention weights of each (head, target) are
-    corrected over all coordinates; the smallest ``|y_i|`` of each target, which attract most
-    corrections, densely for every part. For any other (part, coordinate), ``a <= a_rest`` (the
-    next largest weight), so it can only need correcting where ``|u_i| > |y_i| / a_rest``:
-    sorting ``|u|`` over sources per (head, coordinate) turns that into a ``searchsorted``
-    count, and only those (target, source, head, coordinate) quadruples are evaluated.
+    (``U``/``Y`` = group max of ``|u|`` / min of ``|y|``, so every term is in [0, 1]; the max term
+    is part of the sum). Only (group, part) pairs whose bound exceeds 1 are evaluated, exactly, over
+    the group's coordinates: about 1.02x the pairs that truly need it, 0.05% of all coordinates.
     """
     H, C, S = a.shape
+    G, dg = bounds.powers.shape[0], bounds.rows.shape[-1]
     d = y.shape[-1]
-    y_abs = y.abs()
-    sign = torch.where(y >= 0, 1.0, -1.0)  # sign(0) = +1
-    c_idx = torch.arange(C, device=a.device)[:, None]
-    m = min(TOP_SOURCES, S)
-    top = torch.topk(a, min(m + 1, S), dim=-1)
-    top_s = top.indices[..., :m]  # [H, C, m]
-    a_rest = top.values[..., m] if S > m else torch.zeros(H, C, device=a.device)
-    # Exact over all coordinates for the top sources (the attention sink among them).
-    h_idx = torch.arange(H, device=a.device)[:, None, None]
-    signed_top = heads.u[h_idx, top_s] * sign[None, :, None, :]  # [H, C, m, d]
-    corr_top = (top.values[..., :m, None] * signed_top - y_abs[None, :, None, :]).clamp_min_(0.0).sum(-1)
-    corr = torch.zeros(H, C, S, device=a.device).scatter_add_(2, top_s, corr_top)
-    a_rest_parts = a.scatter(2, top_s, 0.0)  # the top sources are done
-    # The k smallest |y_i| of each target, densely for every other part.
-    k = min(SMALL_COORDS, d)
-    small = torch.topk(y_abs, k, dim=-1, largest=False).indices  # [C, k]
-    signed_small = heads.u_t[:, small, :S] * sign[c_idx, small][None, :, :, None]  # [H, C, k, S]
-    signed_small.mul_(a_rest_parts[:, :, None, :]).sub_(y_abs[c_idx, small][None, :, :, None]).clamp_min_(0.0)
-    corr += signed_small.sum(2)
-    del signed_small
-    n_src = heads.abs_sorted.shape[-1]
-    theta = y_abs[None] / a_rest[..., None].clamp_min(1e-30)  # [H, C, d]
-    theta[:, c_idx, small] = float("inf")  # already done densely
-    # Batched over (head, coordinate): [H, d, T] sorted rows, [H, d, C] queries.
-    first = torch.searchsorted(heads.abs_sorted, theta.transpose(1, 2).contiguous(), right=True).transpose(1, 2)
-    count = n_src - first  # [H, C, d]: sources with |u| > theta
-    per_row = count.sum(dim=(0, 2))  # candidates per target row
-    # Expanding a candidate takes ~10 int64/fp32 temporaries: bound rows per step by the budget.
-    rows_per_step = max(1, int(chunk_bytes // (80 * max(1, int(per_row.max())))))
-    for c0 in range(0, C, rows_per_step):
-        cnt = count[:, c0 : c0 + rows_per_step]
-        total = int(cnt.sum())
-        if total == 0:
-            continue
-        h, c, i = cnt.nonzero(as_tuple=True)
-        reps = cnt[h, c, i]
-        h, c, i, f = (x.repeat_interleave(reps) for x in (h, c + c0, i, first[h, c + c0, i]))
-        # j-th candidate of a run: sorted position first + j
-        starts = torch.cumsum(reps, 0) - reps
-        j = torch.arange(total, device=a.device) - starts.repeat_interleave(reps)
-        s = heads.order[h, i, f + j]
-        keep = (s <= c + t0) & (s < S)
-        h, c, i, s = h[keep], c[keep], i[keep], s[keep]
-        val = a_rest_parts[h, c, s] * heads.u[h, s, i] * sign[c, i] - y_abs[c, i]
-        ok = val > 0
-        corr.view(-1).scatter_add_(0, ((h * C + c) * S + s)[ok], val[ok])
-    return corr
+    if G * dg > d:  # padding coordinates: |y| = 1 and u = 0 never need correcting
+        y = torch.nn.functional.pad(y, (0, G * dg - d), value=1.0)
+    yg = y.view(C, G, dg)
+    sign_abs = torch.empty(C, G, 2, dg, device=y.device)
+    sign_abs[:, :, 0] = torch.where(yg >= 0, 1.0, -1.0)  # sign(0) = +1
+    y_abs = torch.abs(yg, out=sign_abs[:, :, 1])
+    y_min = y_abs.amin(-1).clamp_min_(_TINY)  # [C, G]
+    z_all = _pow16_(y_min[..., None] / y_abs.clamp_min(_TINY)).permute(1, 2, 0)  # [G, dg, C]
+    z = torch.empty(G, 2, dg, C, device=y.device)
+    torch.mul(z_all, sign_abs[:, :, 0].permute(1, 2, 0) > 0, out=z[:, 0])
+    torch.sub(z_all, z[:, 0], out=z[:, 1])
+    powers = bounds.powers[:, :S].reshape(G, S * H, 2 * dg)
+    total = torch.bmm(powers, z.view(G, 2 * dg, C)).view(G, S, H, C)
+    # Underflowed terms are each < 2^-126 (2*dg of them at most): bounding the sum from below by
+    # twice their total, within the slack, keeps the bound an upper bound.
+    floor = 4 * dg * 1.2e-38
+    total.clamp_min_(floor).log_()
+    limit = a.permute(2, 0, 1).log() + bounds.max_abs[:, :S, :, None].log()  # [G, S, H, C]
+    limit.add_(BOUND_SLACK - y_min.log().T[:, None, None, :]).mul_(-BOUND_POWER)
+    g, s, h, c = (total > limit).nonzero(as_tuple=True)
+    del total, limit
+    corr = torch.zeros(H * C * S, device=a.device)
+    a_flat = a.reshape(-1)
+    rows = bounds.rows.reshape(-1, dg)
+    n_sources = bounds.rows.shape[1]
+    step = max(1, chunk_bytes // (16 * dg))
+    for k in range(0, len(g), step):  # bounded working memory however many candidates
+        gk, sk, hk, ck = g[k : k + step], s[k : k + step], h[k : k + step], c[k : k + step]
+        part = (hk * C + ck) * S + sk
+        u = rows.index_select(0, (hk * n_sources + sk) * G + gk)  # [n, dg]
+        ys = sign_abs.view(C * G, 2, dg).index_select(0, ck * G + gk)  # [n, 2, dg]
+        val = u.mul_(a_flat.index_select(0, part)[:, None]).mul_(ys[:, 0]).sub_(ys[:, 1]).clamp_min_(0.0).sum(-1)
+        corr.index_add_(0, part, val)
+    return corr.view(H, C, S)
 
 
 def attention_proximity_chunk(
@@ -197,13 +205,13 @@ def attention_proximity_chunk(
     t0: int,
     t1: int,
     norm: Norm,
-    heads: HeadOutputs | None = None,
+    bounds: L1Bounds | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> torch.Tensor:
     """Raw proximities (before ``eps`` clamp) of the parts ``(s, h)`` of targets ``t0..t1-1``.
 
     Returns fp32 ``[H, t1 - t0, t1]``; entries with ``s > t`` are meaningless (callers mask them).
-    ``heads`` (L1 only) may be passed in to reuse it across chunks of one layer.
+    ``bounds`` (L1 only) may be passed in to reuse them across chunks of one layer.
     """
     n_heads = acts.W_O.shape[0]
     y = acts.attn_whole[t0:t1].float()  # [C, d]
@@ -223,11 +231,11 @@ def attention_proximity_chunk(
     sign = torch.where(y >= 0, 1.0, -1.0)  # sign(0) = +1 by convention
     sign_q = torch.einsum("cd,hed->hce", sign, W_O)  # [H, C, dh]
     prox = a * (sign_q @ v.transpose(1, 2))  # [H, C, S]: a * <sign(y), u>
-    if heads is None:
-        heads = HeadOutputs.build(acts.v, acts.W_O)
+    if bounds is None:
+        bounds = L1Bounds.build(acts.v, acts.W_O)
     causal = torch.ones(t1 - t0, t1, dtype=torch.bool, device=y.device).tril(t0)
     a = torch.where(causal, a, 0.0)
-    return prox - 2 * _l1_correction(heads, a, y, t0, chunk_bytes)
+    return prox - 2 * _l1_correction(bounds, a, y, chunk_bytes)
 
 
 def attention_contributions_chunk(
@@ -235,7 +243,7 @@ def attention_contributions_chunk(
     t0: int,
     t1: int,
     norm: Norm = "l1",
-    heads: HeadOutputs | None = None,
+    bounds: L1Bounds | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Normalised contributions to the attention whole of targets ``t0..t1-1``.
@@ -244,7 +252,7 @@ def attention_contributions_chunk(
     ``s > t``, and everything sums to 1 per target. ``c_mlp`` exists for parallel blocks only.
     """
     whole = acts.attn_whole[t0:t1]
-    prox = attention_proximity_chunk(acts, t0, t1, norm, heads=heads, chunk_bytes=chunk_bytes)
+    prox = attention_proximity_chunk(acts, t0, t1, norm, bounds=bounds, chunk_bytes=chunk_bytes)
     causal = torch.ones(t1 - t0, t1, dtype=torch.bool, device=prox.device).tril(t0)
     prox = torch.where(causal, prox.clamp_min(EPS), 0.0)  # future positions are not parts
     prox_res = proximity(whole, acts.resid_pre[t0:t1], norm)
@@ -267,18 +275,19 @@ def layer_contributions(
     n_tokens = acts.resid_pre.shape[0]
     n_heads = acts.W_O.shape[0]
     device = acts.resid_pre.device
-    # [H, T, d] plus its sort: O(T H d log T), the size of one hook_result.
-    head_out = HeadOutputs.build(acts.v, acts.W_O) if norm == "l1" else None
-    # Several [H, C, T] fp32 temporaries and the [H, C, k, T] small-coordinate pass live at once;
+    # Tables of the size of one hook_result, built once per layer.
+    bounds = L1Bounds.build(acts.v, acts.W_O) if norm == "l1" else None
+    # Several [H, C, T] fp32 temporaries and, for L1, two [G, T, H, C] bound tensors live at once;
     # size C to the byte budget (small chunks also skip more of the non-causal half).
-    per_target = (6 + 2 * SMALL_COORDS) * n_heads * n_tokens * 4
+    n_groups = bounds.powers.shape[0] if bounds is not None else 0
+    per_target = (6 + 3 * n_groups) * n_heads * n_tokens * 4
     step = max(1, min(n_tokens, chunk_bytes // per_target))
     heads, edges = [], []
     c_res_attn = torch.empty(n_tokens, device=device)
     c_ffn = torch.empty(n_tokens, device=device)
     for t0 in range(0, n_tokens, step):
         t1 = min(n_tokens, t0 + step)
-        c_attn, c_res, c_mlp = attention_contributions_chunk(acts, t0, t1, norm, head_out, chunk_bytes)
+        c_attn, c_res, c_mlp = attention_contributions_chunk(acts, t0, t1, norm, bounds, chunk_bytes)
         c_res_attn[t0:t1] = c_res
         if c_mlp is not None:
             c_ffn[t0:t1] = c_mlp

@@ -16,7 +16,7 @@ import uuid
 from functools import partial
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -200,6 +200,14 @@ class Stage:
         self.info = self._model_info(config)
         self.store = ActivationStore(cache_bytes)
         self._lock = threading.Lock()
+        # Capture hooks are attached once: run_with_hooks re-resolves the bridge's hook aliases for
+        # every hook on every call (~0.35 s per SmolLM2 trace). They do nothing unless a run sets
+        # ``_capture``.
+        self._capture: Callable[[int, str, torch.Tensor], None] | None = None
+        for i in range(stop - start):
+            for name in _HOOKS:
+                if f"blocks.{i}.{name}" in hooks:
+                    self.bridge.add_hook(f"blocks.{i}.{name}", partial(self._on_hook, i, name), is_permanent=True)
 
     # ----------------------------------------------------------------------------- loading
     def _build_hf_model(self, config):
@@ -353,7 +361,7 @@ class Stage:
         current: dict[int, dict[str, torch.Tensor]] = {}
         out: list[torch.Tensor] = []
 
-        def capture(i: int, name: str, tensor: torch.Tensor, hook) -> None:
+        def capture(i: int, name: str, tensor: torch.Tensor) -> None:
             current.setdefault(i, {})[name] = tensor.detach()
             if name == "hook_resid_post":  # the last hook of block i
                 layer = current.pop(i)
@@ -361,16 +369,22 @@ class Stage:
                 if i == n_layers - 1:
                     out.append(layer["hook_resid_post"])
 
-        hooks = [(f"blocks.{i}.{h}", partial(capture, i, h)) for i in range(n_layers) for h in _HOOKS
-                 if f"blocks.{i}.{h}" in self.bridge.hook_dict]
-        kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": positions, "fwd_hooks": hooks}
-        if self.first:
-            if inputs.dtype.is_floating_point:
-                raise ValueError("the first stage takes token ids")
-            self.bridge.run_with_hooks(inputs.to(self.device), prepend_bos=False, **kwargs)
-        else:
-            self.bridge.run_with_hooks(inputs.to(self.device, self.dtype), start_at_layer=0, **kwargs)
+        kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": positions}
+        if self.first and inputs.dtype.is_floating_point:
+            raise ValueError("the first stage takes token ids")
+        self._capture = capture
+        try:
+            if self.first:
+                self.bridge(inputs.to(self.device), prepend_bos=False, **kwargs)
+            else:
+                self.bridge(inputs.to(self.device, self.dtype), start_at_layer=0, **kwargs)
+        finally:
+            self._capture = None
         return out[0]
+
+    def _on_hook(self, i: int, name: str, tensor: torch.Tensor, hook: Any = None) -> None:
+        if self._capture is not None:
+            self._capture(i, name, tensor)
 
     def _slice(self, layer: dict[str, torch.Tensor], b: int, n: int) -> dict[str, torch.Tensor]:
         """One prompt's activations of one layer without its left padding (model dtype)."""
