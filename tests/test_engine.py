@@ -177,3 +177,36 @@ def test_half_precision_models_keep_contributions_normalised(tiny_dirs, dtype):
     for t in range(g.n_tokens):
         assert abs(g.head_contributions(2, t).sum() + g.edges.res_attn[2, t] - 1) < 1e-4
     assert len(g.route(0.04)) > 0
+
+
+@pytest.mark.parametrize("d_model", [64, 100, 200])  # one group; a padded second group; three, the last padded
+def test_l1_correction_bound_is_exact_with_partial_coordinate_groups(d_model):
+    """The grouped Hoelder bound never misses a coordinate, also where d is not a multiple of the group.
+
+    Real models hit this (Llama-2-13B d=5120, OPT-30B d=7168); the tiny models and SmolLM2 do not.
+    Peaked attention and ``|a u_i|`` of the order of ``|y_i|`` put many bounds close to 1.
+    """
+    from routescope.workers.contributions import LayerActivations, attention_proximity_chunk, head_outputs
+
+    gen = torch.Generator().manual_seed(d_model)
+    T, H, dh = 24, 3, 8
+    y = torch.randn(T, d_model, generator=gen)
+    y[::5, -1] = 0.0  # sign(0) = +1, in the last (padded) group only: a zero makes its group a candidate
+    pattern = torch.softmax(4 * torch.randn(H, T, T, generator=gen), dim=-1).tril()
+    pattern = pattern / pattern.sum(-1, keepdim=True)
+    acts = LayerActivations(
+        resid_pre=torch.randn(T, d_model, generator=gen), resid_mid=y, resid_post=y,
+        attn_out=torch.zeros(T, d_model), mlp_out=torch.zeros(T, d_model),
+        v=torch.randn(T, H, dh, generator=gen), pattern=pattern, W_O=torch.randn(H, dh, d_model, generator=gen) * 0.3,
+    )
+    got = attention_proximity_chunk(acts, 0, T, "l1").double()
+    u = head_outputs(acts.v, acts.W_O).double()  # [H, S, d]
+    y64, a64 = y.double(), pattern.double()
+    n_corrected = 0
+    for t in range(T):
+        part = a64[:, t, : t + 1, None] * u[:, : t + 1]  # [H, t+1, d]
+        want = y64[t].abs().sum() - (y64[t] - part).abs().sum(-1)
+        main = (part * torch.where(y64[t] >= 0, 1.0, -1.0)).sum(-1)
+        n_corrected += int((want < main - 1e-9).sum())
+        torch.testing.assert_close(got[:, t, : t + 1], want, rtol=1e-5, atol=1e-5)
+    assert n_corrected > 50  # the correction was really exercised
