@@ -103,10 +103,11 @@ def timed(fn: Callable[[], object], repeat: int, device: str) -> tuple[float, in
 
 def run(model: str, n_tokens: int, *, stages: int | None = None, layers: str | None = None, norm: str = "l1",
         repeat: int = 3, device: str = "cpu", dtype: str | None = None, naive: bool = False,
-        out=sys.stdout) -> dict[str, float]:
-    """Measure and print; return the figures."""
-    pipe = Pipeline.local(model, stages=stages, layers=layers, device=device, dtype=dtype,
-                          cache_bytes=0)  # no detail cache: measure the trace itself
+        out=sys.stdout, pipe: Pipeline | None = None) -> dict[str, float]:
+    """Measure and print; return the figures. ``pipe``: reuse a built pipeline (no detail cache)."""
+    if pipe is None:
+        pipe = Pipeline.local(model, stages=stages, layers=layers, device=device, dtype=dtype,
+                              cache_bytes=0)  # no detail cache: measure the trace itself
     ids = prompt_ids(pipe, n_tokens)
     payload_bytes = [0]
 

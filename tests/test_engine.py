@@ -179,14 +179,16 @@ def test_half_precision_models_keep_contributions_normalised(tiny_dirs, dtype):
     assert len(g.route(0.04)) > 0
 
 
+@pytest.mark.parametrize("matmul_dtype", [torch.float32, torch.bfloat16])  # bf16: the GPU default
 @pytest.mark.parametrize("d_model", [64, 100, 200])  # one group; a padded second group; three, the last padded
-def test_l1_correction_bound_is_exact_with_partial_coordinate_groups(d_model):
-    """The grouped Hoelder bound never misses a coordinate, also where d is not a multiple of the group.
+def test_l1_correction_bound_is_exact_with_partial_coordinate_groups(d_model, matmul_dtype):
+    """The grouped Hoelder bound never misses a coordinate, also where d is not a multiple of the group
+    and where the bound's matmul runs in bf16.
 
     Real models hit this (Llama-2-13B d=5120, OPT-30B d=7168); the tiny models and SmolLM2 do not.
     Peaked attention and ``|a u_i|`` of the order of ``|y_i|`` put many bounds close to 1.
     """
-    from routescope.workers.contributions import LayerActivations, attention_proximity_chunk, head_outputs
+    from routescope.workers.contributions import L1Bounds, LayerActivations, attention_proximity_chunk, head_outputs
 
     gen = torch.Generator().manual_seed(d_model)
     T, H, dh = 24, 3, 8
@@ -199,7 +201,9 @@ def test_l1_correction_bound_is_exact_with_partial_coordinate_groups(d_model):
         attn_out=torch.zeros(T, d_model), mlp_out=torch.zeros(T, d_model),
         v=torch.randn(T, H, dh, generator=gen), pattern=pattern, W_O=torch.randn(H, dh, d_model, generator=gen) * 0.3,
     )
-    got = attention_proximity_chunk(acts, 0, T, "l1").double()
+    bounds = L1Bounds.build(acts.v, acts.W_O, matmul_dtype=matmul_dtype)
+    assert bounds.powers.dtype == matmul_dtype
+    got = attention_proximity_chunk(acts, 0, T, "l1", bounds=bounds).double()
     u = head_outputs(acts.v, acts.W_O).double()  # [H, S, d]
     y64, a64 = y.double(), pattern.double()
     n_corrected = 0
@@ -210,3 +214,25 @@ def test_l1_correction_bound_is_exact_with_partial_coordinate_groups(d_model):
         n_corrected += int((want < main - 1e-9).sum())
         torch.testing.assert_close(got[:, t, : t + 1], want, rtol=1e-5, atol=1e-5)
     assert n_corrected > 50  # the correction was really exercised
+
+
+def test_fused_bound_test_matches_eager_and_leaves_its_input():
+    """The ``torch.compile`` version of the L1 candidate test (used on GPUs) selects exactly what
+    the eager one selects, over ranges that hit the underflow floor, and does not touch ``total``."""
+    from routescope.workers.contributions import _bound_exceeds, _bound_exceeds_fused
+
+    gen = torch.Generator().manual_seed(3)
+    G, S, H, C, dg = 3, 20, 4, 7, 72
+    total = torch.rand(G, S, H, C, generator=gen) ** 8
+    total[0, :4] = 0.0  # fully underflowed sums
+    total[1, :2] = 1e-39  # subnormal
+    max_abs = torch.rand(G, S, H, generator=gen) + 0.1
+    a = torch.rand(H, C, S, generator=gen)
+    y_min = torch.rand(C, G, generator=gen) * 0.5 + 1e-3
+    a[0, :, :3] = 0.0  # outside the causal half: log 0 = -inf
+    logs = (max_abs.log(), a.permute(2, 0, 1).log().contiguous(), (y_min.log().T - 0.05).contiguous())
+    before = total.clone()
+    got = _bound_exceeds_fused(total, *logs, dg)
+    assert torch.equal(total, before)
+    want = _bound_exceeds(total.clone(), *logs, dg)
+    assert torch.equal(got, want) and 0 < int(want.sum()) < want.numel()

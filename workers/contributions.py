@@ -24,6 +24,9 @@ no ``T*T*H*d`` tensor ever exists, and norms accumulate in fp32 whatever the mod
 
 from __future__ import annotations
 
+import math
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -109,6 +112,8 @@ def expand_kv(v: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 BOUND_POWER = 16  # p of the Hoelder bound: the sum of p-th powers overestimates the max by <= n^(1/p)
 BOUND_SLACK = 0.05  # log-space slack covering rounding and fp32 underflow of the p-th powers
+# The slack lets the bound's sum be underestimated by up to e^(p * slack) = 2.2x and stay an upper
+# bound, so on GPUs the matmul runs in bf16 (fp32 range, 2^-8 rounding) on tensor cores.
 COORD_GROUP = 72  # coordinates per group: one bound per (group, head, target, source)
 _TINY = 1e-30
 
@@ -132,7 +137,11 @@ class L1Bounds:
     max_abs: torch.Tensor  # [G, S, H] U, at least _TINY
 
     @classmethod
-    def build(cls, v: torch.Tensor, W_O: torch.Tensor, group: int = COORD_GROUP) -> "L1Bounds":
+    def build(cls, v: torch.Tensor, W_O: torch.Tensor, group: int = COORD_GROUP,
+              matmul_dtype: torch.dtype | None = None) -> "L1Bounds":
+        """Tables of one layer; ``matmul_dtype`` (default: bf16 on CUDA, else fp32) stores the powers."""
+        if matmul_dtype is None:
+            matmul_dtype = torch.bfloat16 if v.device.type == "cuda" else torch.float32
         u = head_outputs(v, W_O)  # [H, S, d]
         H, S, d = u.shape
         dg = min(group, d)
@@ -141,12 +150,56 @@ class L1Bounds:
             u = torch.nn.functional.pad(u, (0, G * dg - d))
         ug = u.view(H, S, G, dg)
         U = ug.abs().amax(-1).clamp_min_(_TINY)  # [H, S, G]
-        scaled = (ug / U[..., None]).permute(2, 1, 0, 3)  # [G, S, H, dg]
-        powers = torch.empty(G, S, H, 2, dg, device=u.device)
+        scaled = (ug / U[..., None]).to(matmul_dtype).permute(2, 1, 0, 3)  # [G, S, H, dg]
+        # In bf16 the four squarings compound to ~3% error on x^p, 0.2% on the bound: inside the slack.
+        powers = torch.empty(G, S, H, 2, dg, device=u.device, dtype=matmul_dtype)
         torch.clamp_min(scaled, 0.0, out=powers[:, :, :, 0])
         torch.clamp_max(scaled, 0.0, out=powers[:, :, :, 1])
         _pow16_(powers)  # (-x)^16 = x^16: the second half holds the negative parts
         return cls(ug, powers.view(G, S, H, 2 * dg), U.permute(2, 1, 0).contiguous())
+
+
+def _bound_exceeds(total: torch.Tensor, log_u: torch.Tensor, log_a: torch.Tensor, log_y: torch.Tensor,
+                   dg: int, inplace: bool = True) -> torch.Tensor:
+    """``[G, S, H, C]`` bool: where ``a * U / Y * total^(1/p)``, with the slack, exceeds 1.
+
+    Takes the logs of ``U`` ``[G, S, H]``, ``a`` ``[S, H, C]`` and ``Y * e^-slack`` ``[G, C]``, laid
+    out so every read is contiguous along ``C``. In fp32 (a bf16 ``total`` is converted), as a few
+    in-place passes over ``total`` (overwritten if fp32, unless ``inplace=False``).
+    """
+    # Underflowed terms are each < 2^-126 (2*dg of them at most): bounding the sum from below by
+    # twice their total, within the slack, keeps the bound an upper bound.
+    floor = 4 * dg * 1.2e-38
+    if inplace and total.dtype == torch.float32:
+        r = total.clamp_min_(floor)
+    else:
+        r = total.clamp_min(floor).float()
+    r.log_().mul_(1.0 / BOUND_POWER)
+    r.add_(log_u[..., None]).add_(log_a[None])
+    return r > log_y[:, None, None, :]
+
+
+def _fused_enabled() -> bool:
+    return os.environ.get("ROUTESCOPE_COMPILE", "1") != "0"
+
+
+_compiled: dict[str, object] = {}
+
+
+def _bound_exceeds_fused(*args) -> torch.Tensor:
+    """``_bound_exceeds`` as one kernel (``torch.compile``): on a GPU the unfused passes over
+    ``total`` cost more than the matmul that made it. Falls back to the eager version with a
+    warning where compilation is unavailable."""
+    fn = _compiled.get("exceeds")
+    if fn is None:
+        fn = _compiled["exceeds"] = torch.compile(_bound_exceeds, dynamic=True)
+    try:
+        return fn(*args, inplace=False)  # a failure part-way must leave ``total`` for the fallback
+    except Exception as exc:  # no Triton, no compiler: same result, unfused
+        warnings.warn(f"torch.compile of the L1 bound test failed ({type(exc).__name__}: {exc}); "
+                      "running it unfused (set ROUTESCOPE_COMPILE=0 to skip the attempt)")
+        _compiled["exceeds"] = _bound_exceeds
+        return _bound_exceeds(*args)
 
 
 def _l1_correction(
@@ -179,15 +232,12 @@ def _l1_correction(
     torch.mul(z_all, sign_abs[:, :, 0].permute(1, 2, 0) > 0, out=z[:, 0])
     torch.sub(z_all, z[:, 0], out=z[:, 1])
     powers = bounds.powers[:, :S].reshape(G, S * H, 2 * dg)
-    total = torch.bmm(powers, z.view(G, 2 * dg, C)).view(G, S, H, C)
-    # Underflowed terms are each < 2^-126 (2*dg of them at most): bounding the sum from below by
-    # twice their total, within the slack, keeps the bound an upper bound.
-    floor = 4 * dg * 1.2e-38
-    total.clamp_min_(floor).log_()
-    limit = a.permute(2, 0, 1).log() + bounds.max_abs[:, :S, :, None].log()  # [G, S, H, C]
-    limit.add_(BOUND_SLACK - y_min.log().T[:, None, None, :]).mul_(-BOUND_POWER)
-    g, s, h, c = (total > limit).nonzero(as_tuple=True)
-    del total, limit
+    total = torch.bmm(powers, z.view(G, 2 * dg, C).to(powers.dtype)).view(G, S, H, C)
+    exceeds = _bound_exceeds_fused if total.is_cuda and _fused_enabled() else _bound_exceeds
+    log_a = a.permute(2, 0, 1).log().contiguous()  # [S, H, C]; log 0 = -inf: never a candidate
+    log_y = (y_min.log().T - BOUND_SLACK).contiguous()  # [G, C]
+    g, s, h, c = exceeds(total, bounds.max_abs[:, :S].log(), log_a, log_y, dg).nonzero(as_tuple=True)
+    del total
     corr = torch.zeros(H * C * S, device=a.device)
     a_flat = a.reshape(-1)
     rows = bounds.rows.reshape(-1, dg)

@@ -181,10 +181,9 @@ class Stage:
         self.first, self.last = start == 0, stop == total
         self.device = torch.device(device)
         self.dtype = _dtype(dtype, config)
-        # Bigger target chunks keep a GPU busy; on CPU cache-sized chunks are faster.
-        self.chunk_bytes = chunk_bytes or (DEFAULT_CHUNK_BYTES * 16 if self.device.type == "cuda" else DEFAULT_CHUNK_BYTES)
         self.full_config = config
         self.hf_model, stage_config = self._build_hf_model(config)
+        self.chunk_bytes = chunk_bytes or _chunk_budget(self.device)
         self.tokenizer = _load_tokenizer(self.checkpoint)
         self.bridge = build_bridge_from_module(
             self.hf_model, type(self.hf_model).__name__, hf_config=stage_config, tokenizer=self.tokenizer
@@ -229,9 +228,9 @@ class Stage:
         unembed_name = _module_name(model, model.get_output_embeddings())
         d = config.hidden_size
         if not self.first:
-            model.set_input_embeddings(torch.nn.Embedding(1, d))
+            model.set_input_embeddings(torch.nn.Embedding(1, d, dtype=self.dtype))
         if not self.last:
-            model.set_output_embeddings(torch.nn.Linear(d, 1, bias=False))
+            model.set_output_embeddings(torch.nn.Linear(d, 1, bias=False, dtype=self.dtype))
 
         weight_map = self.checkpoint.weight_map()
         rename = _checkpoint_renamer(model)
@@ -540,6 +539,15 @@ def _check_index(what: str, value: int | None, n: int) -> int:
     if value is None or not 0 <= int(value) < n:
         raise ValueError(f"{what} {value} outside [0, {n - 1}]")
     return int(value)
+
+
+def _chunk_budget(device: torch.device) -> int:
+    """Working-memory budget of the contribution chunks: cache-sized on CPU; on a GPU a share of
+    the memory left once the weights are loaded (fewer, larger chunks keep it busy and sync less)."""
+    if device.type != "cuda":
+        return DEFAULT_CHUNK_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(max(free // 16, DEFAULT_CHUNK_BYTES * 16), 4 * 2**30))
 
 
 def _dtype(dtype: str | torch.dtype | None, config) -> torch.dtype:
