@@ -35,6 +35,9 @@ import torch
 EPS = 1e-5
 Norm = Literal["l1", "l2"]
 DEFAULT_CHUNK_BYTES = 16 * 2**20  # CPU: cache-sized chunks win; GPUs take larger (see Stage)
+# Each chunk re-reads the layer's L1 bound tables (2x the size of all head outputs): fewer than
+# this many targets per chunk and long prompts spend their time re-reading them (T=2048: 6x slower).
+MIN_CHUNK_TARGETS = 64
 
 
 @dataclass
@@ -334,7 +337,7 @@ def layer_contributions(
     # size C to the byte budget (small chunks also skip more of the non-causal half).
     n_groups = bounds.powers.shape[0] if bounds is not None else 0
     per_target = (6 + 3 * n_groups) * n_heads * n_tokens * 4
-    step = max(1, min(n_tokens, chunk_bytes // per_target))
+    step = max(1, min(n_tokens, max(MIN_CHUNK_TARGETS, chunk_bytes // per_target)))
     heads, edges = [], []
     c_res_attn = torch.empty(n_tokens, device=device)
     c_ffn = torch.empty(n_tokens, device=device)
