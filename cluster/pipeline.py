@@ -79,6 +79,14 @@ def validate_prompt(prompt: Any, index: int | None = None) -> str:
             raise ValueError(f"{where}: not valid UTF-8 (byte {exc.start})") from None
     if not isinstance(prompt, str):
         raise ValueError(f"{where}: must be text, got {type(prompt).__name__}")
+    if any("\udc80" <= c <= "\udcff" for c in prompt):
+        # Bytes that were not UTF-8, smuggled in as lone surrogates (command-line arguments, file
+        # names): report them as what they are.
+        raw = prompt.encode("utf-8", "surrogateescape")
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{where}: not valid UTF-8 (byte {exc.start})") from None
     if not prompt.strip():
         raise ValueError(f"{where}: empty or whitespace only")
     bad = [c for c in prompt if unicodedata.category(c) in ("Cc", "Cs") and c not in "\n\t\r"]

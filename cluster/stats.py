@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from routescope.workers.edgeset import EdgeSet
+from routescope.workers.edgeset import EdgeSet, EdgeSetError
 
 from .routes import ATTN, FFN_IN, FFN_OUT, RES_ATTN, RES_FFN, check_tau, threshold
 
@@ -193,8 +194,22 @@ class Results:
             p = prompt_path(self.path, index)
             if not p.is_file():
                 raise KeyError(f"prompt {index} has no result in {self.path}")
-            self._cache[index] = EdgeSet.decode(p.read_bytes())
+            try:
+                self._cache[index] = EdgeSet.decode(p.read_bytes())
+            except EdgeSetError as exc:
+                raise EdgeSetError(f"{p}: {exc}") from None
         return self._cache[index]
+
+    def problems(self) -> dict[int, str]:
+        """Prompt files that do not decode to a valid edge set, by index: ``{index: 'path: why'}``.
+        The others load as usual; statistics skip these with a warning."""
+        out = {}
+        for i in self.indexes:
+            try:
+                self.edges(i)
+            except EdgeSetError as exc:
+                out[i] = str(exc)
+        return out
 
     def graph(self, index: int):
         """The ``FlowGraph`` of prompt ``index`` (routes; no live details)."""
@@ -253,7 +268,12 @@ def _as_edgesets(source) -> Iterator[tuple[EdgeSet, Any]]:
         source = Results(source)
     if isinstance(source, Results):
         for i in source.indexes:
-            yield source.edges(i), None
+            try:
+                es = source.edges(i)
+            except EdgeSetError as exc:  # reported by name; the rest still counts
+                warnings.warn(f"skipping a corrupted result: {exc}", stacklevel=3)
+                continue
+            yield es, None
         return
     for item in source:
         if isinstance(item, FlowGraph):

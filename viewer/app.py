@@ -26,7 +26,7 @@ import numpy as np
 import panel as pn
 import param
 
-from routescope.cluster.routes import ATTN, FFN_IN, FFN_OUT, RES_ATTN, RES_FFN, parse_node
+from routescope.cluster.routes import ATTN, FFN_IN, FFN_OUT, RES_ATTN, RES_FFN, check_tau, parse_node
 
 from .config import (UnsafePathError, ViewerConfig, find_root, list_datasets, read_prompts, safe_path)
 from .models import ModelRegistry
@@ -828,13 +828,20 @@ class ViewerApp:
     # ----------------------------------------------------------------------------- URL state
     def apply_query(self, query: dict[str, str]) -> bool:
         """Set widgets from a URL query; returns whether a live run should start."""
-        if query.get("model") in self.cfg.model_names:
-            self.w_model.value = query["model"]
+        if query.get("model"):
+            try:
+                self.w_model.value = self.cfg.model(query["model"]).name
+            except ValueError as exc:  # a model this viewer does not offer: say so and run nothing
+                self.show_error(f"Link: {exc}")
+                return False
         if query.get("tau"):
             try:
-                self.w_tau.value = min(max(round(float(query["tau"]) / 0.005) * 0.005, 0.01), 0.10)
-            except ValueError:
-                pass
+                tau = check_tau(float(query["tau"]), 0.0)
+            except ValueError as exc:  # the link is wrong: say so and run nothing
+                self.show_error(f"Link: {exc}" if "tau" in str(exc) else f"Link: tau: {query['tau']!r} is not a number")
+                return False
+            else:
+                self.w_tau.value = min(max(round(tau / 0.005) * 0.005, 0.01), 0.10)
         if query.get("renormalize") == "false":
             self.w_renorm.value = False
         self._pending = {k: query[k] for k in ("targets", "sel", "head", "neuron") if k in query}
@@ -849,7 +856,12 @@ class ViewerApp:
         if not p or self.graph is None:
             return
         if p.get("targets"):
-            self.set_targets(p["targets"])
+            try:
+                _parse_targets(p["targets"], self.graph.n_tokens)
+            except ValueError as exc:
+                self.show_error(f"Link: {exc}")
+            else:
+                self.set_targets(p["targets"])
         try:
             self.state.head = int(p.get("head", -1))
             self.state.neuron = int(p.get("neuron", -1))
@@ -860,6 +872,20 @@ class ViewerApp:
             self.state.sel = p["sel"]
             self.state.head, self.state.neuron = head, neuron
             self.select(p["sel"])
+
+
+def _parse_targets(spec: str, n_tokens: int) -> list[int]:
+    """Target positions of a link (``N,M`` or ``all``), each checked against the graph."""
+    if spec == "all":
+        return list(range(n_tokens))
+    try:
+        targets = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"targets: {spec!r} is not N, N,M or 'all'") from None
+    for t in targets:
+        if not 0 <= t < n_tokens:
+            raise ValueError(f"target: position {t} outside [0, {n_tokens - 1}]")
+    return targets
 
 
 def create_app(config: ViewerConfig, registry: ModelRegistry) -> pn.viewable.Viewable:
