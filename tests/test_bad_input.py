@@ -3,7 +3,7 @@ no traceback on the command line, and nothing already stored changes.
 
 A results directory (a finished dataset job) and a saved graph file are made once; every case runs
 against them (the CLI cases write into them when they succeed) and their SHA-256 checksums must be
-the same afterwards. Surfaces: the Python API, the ``routescope`` command (trace, run-job, serve),
+the same afterwards. Surfaces: the Python API, the ``routescope`` command (trace, run-job, submit, serve),
 dataset jobs and result loading. The viewer's cases run in the browser (test_viewer_browser.py).
 A tiny 4-layer Llama (context 512) keeps the model loads cheap; the prompt used for graphs has 8
 tokens.
@@ -149,6 +149,10 @@ CLI: list[tuple[str, list[str], str]] = [
      "holds results of a different job: dataset contents (sha256); option tau_min (0.01 vs 0.02)"),
     ("job: results location is a file", ["run-job", "--dataset", "{dataset}", "--results", "{graph}"],
      "is not writable: it is a file, not a directory"),
+    ("submit: threshold NaN", ["submit", "--dataset", "{dataset}", "--results", "{results}", "--address",
+                               "http://127.0.0.1:9", "--tau-min", "nan"], "tau_min: nan must be a number in (0, 1)"),
+    ("submit: dataset that does not exist", ["submit", "--dataset", "/nonexistent/d.txt", "--results", "{results}",
+                                             "--address", "http://127.0.0.1:9"], "dataset /nonexistent/d.txt does not exist"),
     ("viewer: results directory that does not exist", ["serve", "--results", "/nonexistent/results"],
      "/nonexistent/results"),
 ]
