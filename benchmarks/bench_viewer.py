@@ -99,7 +99,7 @@ def main() -> int:
                 page.mouse.move(1, 1)
                 page.wait_for_timeout(300)
                 t0 = time.perf_counter()
-                click_data(page, *node_xy(node))
+                click_data(page, *node_xy(node), park=False)
                 clicks.append(detail_is(page, node, t0))
             out["click_to_panel_ms"] = [round(x * 1000) for x in clicks]
             if args.screenshots:

@@ -91,7 +91,13 @@ def data_to_page(page, x: float, y: float) -> tuple[float, float]:
     }""", [x, y]))
 
 
-def click_data(page, x: float, y: float) -> None:
+def click_data(page, x: float, y: float, park: bool = True) -> None:
+    """Click the graph at data point ``(x, y)``; ``park`` first moves the pointer off the plot: a
+    hover tooltip left over from the previous click can cover what is drawn beside it and swallow
+    the click (timed callers park before starting the clock)."""
+    if park:
+        page.mouse.move(1, 1)
+        page.wait_for_timeout(300)
     px, py = data_to_page(page, x, y)
     if px != px or py != py:
         print("NaN", x, y, page.evaluate("""() => { const v = Bokeh.index.query_one(v => v.model.name === 'rs-graph' && v.frame != null);
