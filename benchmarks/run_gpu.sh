@@ -2,7 +2,8 @@
 # The GPU checks (benchmarks/bench_gpu.py) on a bare CUDA machine whose python3 has PyTorch and
 # no internet: packages travel as wheels in .whl/ (Ray as a trimmed tarball, the wheel being too
 # big to carry), routescope as its source tree. Figures and the log go to $OUT (default gpu-results/).
-# Usage: bash benchmarks/run_gpu.sh [bench_gpu.py options]
+# Usage: bash benchmarks/gpu_wheels.sh (here, once), then on the GPU machine
+#        bash benchmarks/run_gpu.sh [bench_gpu.py options]
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
