@@ -49,3 +49,14 @@ def test_prompt_longer_than_the_context_is_refused(smollm2_checkpoint):
     assert res.returncode == 2
     assert "tokens exceeds the limit of 8192 (model context 8192)" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_gpu_benchmark_script_rehearses_on_cpu(tmp_path):
+    """benchmarks/bench_gpu.py (run on lent GPUs only) keeps working: its equality step on the CPU."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+    res = subprocess.run([sys.executable, str(script), "--rehearse", "--steps", "1", "--out", str(tmp_path / "out"),
+                          "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=600, env=ENV)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    doc = json.loads((tmp_path / "out" / "bench_gpu.json").read_text())
+    assert len(doc["equality"]) == 12 and "errors" not in doc
+    assert all(r["max_abs_diff"] <= 1e-6 and r["same_routes"] for r in doc["equality"])
