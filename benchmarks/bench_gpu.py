@@ -135,6 +135,7 @@ def same_routes(ga, gb) -> bool:
 
 # ----------------------------------------------------------------------------- steps
 def step_equality(args, results: dict) -> None:
+    """Tiny models, 1-3 in-process stages on the device vs the CPU path: contributions and routes."""
     device = args.device
     for arch in ARCHITECTURES:
         path = build_tiny_model(arch, args.work / f"tiny-{arch}", n_layers=6)
@@ -155,6 +156,7 @@ def step_equality(args, results: dict) -> None:
 
 
 def step_13b_one_stage(args, results: dict) -> None:
+    """13B-shaped fp16, one stage: L1 (fused and unfused bound test) and L2 vs a plain forward; a profile."""
     ckpt = write_llama_checkpoint(args.work / "llama13b", "13b", range(args.layers_13b), embed=True, unembed=True,
                                   device=args.device, n_layers=args.layers_13b)
     pipe = Pipeline.local(str(ckpt), device=args.device, dtype="float16", cache_bytes=0)
@@ -190,6 +192,7 @@ def profile(pipe: Pipeline, args) -> None:
 
 
 def step_13b_two_stages(args, results: dict) -> None:
+    """13B-shaped fp16 in 2 in-process stages on one device, half the tokens, vs 1 stage."""
     ckpt = args.work / "llama13b"
     t = args.tokens // 2
     results[f"13b_2stages_{t}"] = bench.run(str(ckpt), t, stages=2, repeat=args.repeat, device=args.device,
@@ -200,6 +203,7 @@ def step_13b_two_stages(args, results: dict) -> None:
 
 
 def step_70b_slice(args, results: dict) -> None:
+    """One 70B-shaped middle stage (layers 10-19 of 80) fed a residual: trace vs plain forward."""
     a, b = args.slice_70b
     n_layers = SHAPES["70b"][4] if not args.rehearse else b + 1
     ckpt = write_llama_checkpoint(args.work / "llama70b-slice", "70b", range(a, b), embed=False, unembed=False,
@@ -236,6 +240,7 @@ def step_70b_slice(args, results: dict) -> None:
 
 
 def step_ray(args, results: dict) -> None:
+    """Ray stage actors on the device (fractional GPUs) vs the CPU in-process path."""
     import ray
 
     from routescope.cluster.ray_pipeline import ray_pipeline
