@@ -152,6 +152,25 @@ def _cols(kind: int, layer, source, target, weight):
             np.asarray(target, np.int32), np.asarray(weight, np.float32))
 
 
+def parse_targets(text: str | None) -> list[int] | str | None:
+    """Target positions written as ``N``, ``N,M`` or ``all`` (CLI flags, viewer links); None stays None."""
+    if text is None or text == "all":
+        return text
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"target: {text!r} is not N, N,M or 'all'") from None
+
+
+def check_targets(targets: Iterable[int], n_tok: int) -> list[int]:
+    """``targets`` as ints, each a position of a ``n_tok``-token prompt (else ``ValueError``)."""
+    targets = [int(t) for t in targets]
+    for t in targets:
+        if not 0 <= t < n_tok:
+            raise ValueError(f"target: position {t} outside [0, {n_tok - 1}]")
+    return targets
+
+
 def route(es: EdgeSet, targets: Iterable[int] | None = None, tau: float = 0.04,
           mode: Mode = "renormalize", edges: Edges | None = None) -> Edges:
     """Surviving edges from which an output node ``I{L-1}_t`` of ``targets`` is reachable.
@@ -160,10 +179,7 @@ def route(es: EdgeSet, targets: Iterable[int] | None = None, tau: float = 0.04,
     ``targets`` defaults to the last position; pass several (or ``range(T)``) for a union.
     """
     n_tok = es.n_tokens
-    targets = [n_tok - 1] if targets is None else [int(t) for t in targets]
-    for t in targets:
-        if not 0 <= t < n_tok:
-            raise ValueError(f"target: position {t} outside [0, {n_tok - 1}]")
+    targets = [n_tok - 1] if targets is None else check_targets(targets, n_tok)
     if es.layer_start != 0 or es.layer_stop != es.n_layers:
         raise ValueError("route: the edge set must cover all layers (merge the stages first)")
     all_edges = threshold(es, tau, mode) if edges is None else edges

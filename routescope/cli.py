@@ -78,21 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _targets(text: str | None, n_tokens: int):
-    if text is None:
-        return None
-    if text == "all":
-        return "all"
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ValueError(f"target: {text!r} is not N, N,M or 'all'") from None
-
-
 def cmd_trace(args: argparse.Namespace) -> int:
     import routescope
     from routescope.cluster.pipeline import validate_prompt
-    from routescope.cluster.routes import check_tau
+    from routescope.cluster.routes import check_tau, parse_targets
 
     validate_prompt(args.prompt)  # fail before loading a model
     check_tau(args.tau, args.tau_min)
@@ -101,7 +90,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         stages=args.stages, layers=args.layers, address=args.address, gpus_per_stage=args.gpus_per_stage,
         cpus_per_stage=args.cpus_per_stage, device=args.device, dtype=args.dtype,
     )
-    targets = _targets(args.target, graph.n_tokens)
+    targets = parse_targets(args.target)
     edges = graph.route(args.tau, args.mode, targets)
     tokens = graph.tokens
     print(f"model: {graph.model} ({graph.n_layers} layers, {graph.n_heads} heads)")

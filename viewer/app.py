@@ -26,7 +26,8 @@ import numpy as np
 import panel as pn
 import param
 
-from routescope.cluster.routes import ATTN, FFN_IN, FFN_OUT, RES_ATTN, RES_FFN, check_tau, parse_node
+from routescope.cluster.routes import (ATTN, FFN_IN, FFN_OUT, RES_ATTN, RES_FFN, check_targets, check_tau,
+                                       parse_node, parse_targets)
 
 from .config import (UnsafePathError, ViewerConfig, find_root, list_datasets, read_prompts, safe_path)
 from .models import ModelRegistry
@@ -835,13 +836,17 @@ class ViewerApp:
                 self.show_error(f"Link: {exc}")
                 return False
         if query.get("tau"):
-            try:
-                tau = check_tau(float(query["tau"]), 0.0)
-            except ValueError as exc:  # the link is wrong: say so and run nothing
-                self.show_error(f"Link: {exc}" if "tau" in str(exc) else f"Link: tau: {query['tau']!r} is not a number")
+            try:  # a wrong link says so and runs nothing
+                tau = float(query["tau"])
+            except ValueError:
+                self.show_error(f"Link: tau: {query['tau']!r} is not a number")
                 return False
-            else:
-                self.w_tau.value = min(max(round(tau / 0.005) * 0.005, 0.01), 0.10)
+            try:
+                check_tau(tau, 0.0)
+            except ValueError as exc:
+                self.show_error(f"Link: {exc}")
+                return False
+            self.w_tau.value = min(max(round(tau / 0.005) * 0.005, 0.01), 0.10)
         if query.get("renormalize") == "false":
             self.w_renorm.value = False
         self._pending = {k: query[k] for k in ("targets", "sel", "head", "neuron") if k in query}
@@ -857,7 +862,8 @@ class ViewerApp:
             return
         if p.get("targets"):
             try:
-                _parse_targets(p["targets"], self.graph.n_tokens)
+                spec = parse_targets(p["targets"])
+                check_targets(range(self.graph.n_tokens) if spec == "all" else spec, self.graph.n_tokens)
             except ValueError as exc:
                 self.show_error(f"Link: {exc}")
             else:
@@ -872,20 +878,6 @@ class ViewerApp:
             self.state.sel = p["sel"]
             self.state.head, self.state.neuron = head, neuron
             self.select(p["sel"])
-
-
-def _parse_targets(spec: str, n_tokens: int) -> list[int]:
-    """Target positions of a link (``N,M`` or ``all``), each checked against the graph."""
-    if spec == "all":
-        return list(range(n_tokens))
-    try:
-        targets = [int(x) for x in spec.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"targets: {spec!r} is not N, N,M or 'all'") from None
-    for t in targets:
-        if not 0 <= t < n_tokens:
-            raise ValueError(f"target: position {t} outside [0, {n_tokens - 1}]")
-    return targets
 
 
 def create_app(config: ViewerConfig, registry: ModelRegistry) -> pn.viewable.Viewable:
