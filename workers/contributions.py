@@ -132,12 +132,13 @@ class L1Bounds:
     """Per-layer tables for the exact L1 correction (see ``_l1_correction``).
 
     Coordinates are split into ``G`` groups of ``dg``; for every source ``s``, head ``h`` and group
-    ``g``: ``U = max_i |u_i|`` and ``x_i = (max(u_i, 0) / U)^p`` followed by ``(max(-u_i, 0) / U)^p``.
+    ``g``: ``log U`` with ``U = max_i |u_i|``, and ``x_i = (max(u_i, 0) / U)^p`` followed by
+    ``(max(-u_i, 0) / U)^p``.
     """
 
     rows: torch.Tensor  # [H, S, G, dg] u, zero-padded to whole groups
     powers: torch.Tensor  # [G, S, H, 2 * dg] signed p-th powers of u / U
-    max_abs: torch.Tensor  # [G, S, H] U, at least _TINY
+    log_max_abs: torch.Tensor  # [G, S, H] log U, U at least _TINY
 
     @classmethod
     def build(cls, v: torch.Tensor, W_O: torch.Tensor, group: int = COORD_GROUP,
@@ -159,7 +160,7 @@ class L1Bounds:
         torch.clamp_min(scaled, 0.0, out=powers[:, :, :, 0])
         torch.clamp_max(scaled, 0.0, out=powers[:, :, :, 1])
         _pow16_(powers)  # (-x)^16 = x^16: the second half holds the negative parts
-        return cls(ug, powers.view(G, S, H, 2 * dg), U.permute(2, 1, 0).contiguous())
+        return cls(ug, powers.view(G, S, H, 2 * dg), U.log_().permute(2, 1, 0).contiguous())
 
 
 def _bound_exceeds(total: torch.Tensor, log_u: torch.Tensor, log_a: torch.Tensor, log_y: torch.Tensor,
@@ -239,7 +240,7 @@ def _l1_correction(
     exceeds = _bound_exceeds_fused if total.is_cuda and _fused_enabled() else _bound_exceeds
     log_a = a.permute(2, 0, 1).log().contiguous()  # [S, H, C]; log 0 = -inf: never a candidate
     log_y = (y_min.log().T - BOUND_SLACK).contiguous()  # [G, C]
-    g, s, h, c = exceeds(total, bounds.max_abs[:, :S].log(), log_a, log_y, dg).nonzero(as_tuple=True)
+    g, s, h, c = exceeds(total, bounds.log_max_abs[:, :S], log_a, log_y, dg).nonzero(as_tuple=True)
     del total
     corr = torch.zeros(H * C * S, device=a.device)
     a_flat = a.reshape(-1)
