@@ -36,6 +36,7 @@ import torch
 
 from routescope.cluster import bench
 from routescope.cluster.pipeline import Pipeline
+from routescope.workers import kernels
 from routescope.workers.stage import Stage
 from routescope.workers.tiny import ARCHITECTURES, build_tiny_model, train_tokenizer
 
@@ -156,17 +157,26 @@ def step_equality(args, results: dict) -> None:
 
 
 def step_13b_one_stage(args, results: dict) -> None:
-    """13B-shaped fp16, one stage: L1 (fused and unfused bound test) and L2 vs a plain forward; a profile."""
+    """13B-shaped fp16, one stage: L1 (candidate kernel, and the torch.compile'd test it replaces) and
+    L2 vs a plain forward; a profile."""
     ckpt = write_llama_checkpoint(args.work / "llama13b", "13b", range(args.layers_13b), embed=True, unembed=True,
                                   device=args.device, n_layers=args.layers_13b)
     pipe = Pipeline.local(str(ckpt), device=args.device, dtype="float16", cache_bytes=0)
-    for norm, fused in (("l1", "1"), ("l1", "0"), ("l2", "1")):
-        os.environ["ROUTESCOPE_COMPILE"] = fused
-        print(f"  [{norm}, fused L1 bound test: {fused == '1'}]")
-        figures = bench.run(str(ckpt), args.tokens, norm=norm, repeat=args.repeat, device=args.device,
-                            dtype="float16", pipe=pipe)
-        results[f"13b_1stage_{args.tokens}_{norm}{'' if fused == '1' else '_unfused'}"] = figures
-    os.environ["ROUTESCOPE_COMPILE"] = "1"
+    variants = (("l1", "auto", "L1, fused candidate kernel (workers/kernels.py)"),
+                ("l1", "torch", "L1, bmm + torch.compile'd test + nonzero"),
+                ("l2", "auto", "L2"))
+    for norm, kernel, label in variants:
+        os.environ["ROUTESCOPE_KERNEL"] = kernel
+        print(f"  [{label}]")
+        try:
+            figures = bench.run(str(ckpt), args.tokens, norm=norm, repeat=args.repeat, device=args.device,
+                                dtype="float16", pipe=pipe)
+        except Exception as exc:  # a kernel failure must not cost the other figures
+            print(f"  FAILED: {type(exc).__name__}: {exc}")
+            results[f"13b_1stage_{args.tokens}_{norm}_{kernel}_error"] = repr(exc)
+            continue
+        results[f"13b_1stage_{args.tokens}_{norm}{'' if kernel == 'auto' else '_' + kernel}"] = figures
+    os.environ["ROUTESCOPE_KERNEL"] = "auto"
     profile(pipe, args)
     pipe.close()
     del pipe
@@ -288,8 +298,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
-    print(f"device: {dev}; torch {torch.__version__}; steps {args.steps}")
-    results: dict = {"device": dev, "torch": torch.__version__}
+    triton_version = kernels.triton.__version__ if kernels.triton is not None else None
+    print(f"device: {dev}; torch {torch.__version__}; triton {triton_version}; steps {args.steps}")
+    results: dict = {"device": dev, "torch": torch.__version__, "triton": triton_version}
     failed = 0
     for n in (int(s) for s in args.steps.split(",")):
         print(f"\n== step {n}: {STEPS[n].__doc__ or STEPS[n].__name__}")

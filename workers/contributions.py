@@ -32,6 +32,8 @@ from typing import Literal
 
 import torch
 
+from . import kernels
+
 EPS = 1e-5
 Norm = Literal["l1", "l2"]
 DEFAULT_CHUNK_BYTES = 16 * 2**20  # CPU: cache-sized chunks win; GPUs take larger (see Stage)
@@ -163,6 +165,12 @@ class L1Bounds:
         return cls(ug, powers.view(G, S, H, 2 * dg), U.log_().permute(2, 1, 0).contiguous())
 
 
+def _underflow_floor(dg: int) -> float:
+    """Underflowed terms are each < 2^-126 (2*dg of them at most): bounding the sum from below by
+    twice their total, within the slack, keeps the bound an upper bound."""
+    return 4 * dg * 1.2e-38
+
+
 def _bound_exceeds(total: torch.Tensor, log_u: torch.Tensor, log_a: torch.Tensor, log_y: torch.Tensor,
                    dg: int, inplace: bool = True) -> torch.Tensor:
     """``[G, S, H, C]`` bool: where ``a * U / Y * total^(1/p)``, with the slack, exceeds 1.
@@ -171,9 +179,7 @@ def _bound_exceeds(total: torch.Tensor, log_u: torch.Tensor, log_a: torch.Tensor
     out so every read is contiguous along ``C``. In fp32 (a bf16 ``total`` is converted), as a few
     in-place passes over ``total`` (overwritten if fp32, unless ``inplace=False``).
     """
-    # Underflowed terms are each < 2^-126 (2*dg of them at most): bounding the sum from below by
-    # twice their total, within the slack, keeps the bound an upper bound.
-    floor = 4 * dg * 1.2e-38
+    floor = _underflow_floor(dg)
     if inplace and total.dtype == torch.float32:
         r = total.clamp_min_(floor)
     else:
@@ -236,12 +242,21 @@ def _l1_correction(
     torch.mul(z_all, sign_abs[:, :, 0].permute(1, 2, 0) > 0, out=z[:, 0])
     torch.sub(z_all, z[:, 0], out=z[:, 1])
     powers = bounds.powers[:, :S].reshape(G, S * H, 2 * dg)
-    total = torch.bmm(powers, z.view(G, 2 * dg, C).to(powers.dtype)).view(G, S, H, C)
-    exceeds = _bound_exceeds_fused if total.is_cuda and _fused_enabled() else _bound_exceeds
+    z = z.view(G, 2 * dg, C).to(powers.dtype)
     log_a = a.permute(2, 0, 1).log().contiguous()  # [S, H, C]; log 0 = -inf: never a candidate
     log_y = (y_min.log().T - BOUND_SLACK).contiguous()  # [G, C]
-    g, s, h, c = exceeds(total, bounds.log_max_abs[:, :S], log_a, log_y, dg).nonzero(as_tuple=True)
-    del total
+    if kernels.available(y.device):  # matmul, test and nonzero in one kernel
+        flat = kernels.bound_candidates(powers, z, bounds.log_max_abs[:, :S].reshape(G, S * H),
+                                        log_a.view(S * H, C), log_y, _underflow_floor(dg), 1.0 / BOUND_POWER,
+                                        n_heads=H, first_target=S - C)  # the chunk's targets end with its sources
+        g, rest = flat.div(S * H * C, rounding_mode="floor"), flat.remainder(S * H * C)
+        sh, c = rest.div(C, rounding_mode="floor"), rest.remainder(C)
+        s, h = sh.div(H, rounding_mode="floor"), sh.remainder(H)
+    else:
+        total = torch.bmm(powers, z).view(G, S, H, C)
+        exceeds = _bound_exceeds_fused if total.is_cuda and _fused_enabled() else _bound_exceeds
+        g, s, h, c = exceeds(total, bounds.log_max_abs[:, :S], log_a, log_y, dg).nonzero(as_tuple=True)
+        del total
     corr = torch.zeros(H * C * S, device=a.device)
     a_flat = a.reshape(-1)
     rows = bounds.rows.reshape(-1, dg)
@@ -334,10 +349,12 @@ def layer_contributions(
     device = acts.resid_pre.device
     # Tables of the size of one hook_result, built once per layer.
     bounds = L1Bounds.build(acts.v, acts.W_O) if norm == "l1" else None
-    # Several [H, C, T] fp32 temporaries and, for L1, two [G, T, H, C] bound tensors live at once;
-    # size C to the byte budget (small chunks also skip more of the non-causal half).
+    # Several [H, C, T] fp32 temporaries and, for L1, the [G, T, H, C] bound tensor and its test (or,
+    # fused, a candidate list for 1/16 of it) live at once; size C to the byte budget (small chunks
+    # also skip more of the non-causal half).
     n_groups = bounds.powers.shape[0] if bounds is not None else 0
-    per_target = (6 + 3 * n_groups) * n_heads * n_tokens * 4
+    bound_bytes = n_groups * (0.5 if kernels.available(device) else 12)
+    per_target = int((24 + bound_bytes) * n_heads * n_tokens)
     step = max(1, min(n_tokens, max(MIN_CHUNK_TARGETS, chunk_bytes // per_target)))
     heads, edges = [], []
     c_res_attn = torch.empty(n_tokens, device=device)

@@ -1,0 +1,108 @@
+"""The fused candidate kernel (workers/kernels.py) against the unfused path, in Triton's interpreter.
+
+Run as a script by ``test_engine.py`` in a subprocess: the interpreter is chosen by
+``TRITON_INTERPRET=1`` before Triton is first imported, and the test session has imported it
+already. ``python tests/kernel_checks.py TINY_LLAMA_DIR``; exits non-zero on the first mismatch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ["ROUTESCOPE_KERNEL"] = "triton"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from routescope.workers import contributions, kernels  # noqa: E402
+
+CALLS = [0]
+_bound_candidates = kernels.bound_candidates
+
+
+def _counted(*args, **kwargs):
+    CALLS[0] += 1
+    return _bound_candidates(*args, **kwargs)
+
+
+kernels.bound_candidates = _counted  # the engine looks it up through the module at each call
+
+
+def random_bounds_match_unfused_test() -> None:
+    """Candidate sets equal the unfused test's, with -inf weights, underflowed sums and an overflowing list."""
+    gen = torch.Generator().manual_seed(0)
+    G, S, H, C, dg = 3, 20, 4, 37, 72
+    # fp32 only: the interpreter's tl.dot gets bf16 wrong (4e9 off on a 16x16 product, Triton 3.9);
+    # the bf16 path is checked on a GPU by benchmarks/bench_gpu.py's equality step.
+    for shift, dtype in ((-0.3, torch.float32), (-3.0, torch.float32)):
+        powers = (torch.rand(G, S * H, 2 * dg, generator=gen) ** 8).to(dtype)
+        powers[1, :7] = 0.0  # sums that underflow entirely: the floor decides
+        z = (torch.rand(G, 2 * dg, C, generator=gen) ** 8).to(dtype)
+        log_u = torch.randn(G, S, H, generator=gen) * 0.3
+        log_a = (torch.rand(S, H, C, generator=gen) * 0.5).log()
+        log_a[:3] = float("-inf")  # outside the causal half
+        log_y = torch.randn(G, C, generator=gen) * 0.5 + shift
+        flat = kernels.bound_candidates(powers, z, log_u.reshape(G, S * H), log_a.view(S * H, C), log_y,
+                                        contributions._underflow_floor(dg), 1 / contributions.BOUND_POWER)
+        total = torch.bmm(powers.float(), z.float()).view(G, S, H, C)
+        want = contributions._bound_exceeds(total, log_u, log_a, log_y, dg).view(-1).nonzero().squeeze(1)
+        assert torch.equal(flat.sort().values, want), (shift, dtype, len(flat), len(want))
+        assert 0 < len(want) < G * S * H * C
+        print(f"kernel == unfused test: {len(want)} of {G * S * H * C} bounds pass ({dtype}, "
+              f"list {'overflowed and re-ran' if len(want) > max(1024, G * S * H * C // 16) else 'sufficed'})")
+
+
+def correction_is_exact_with_kernel() -> None:
+    """The L1 proximities with the kernel equal brute force, also with padded coordinate groups."""
+    calls = CALLS[0]
+    for d_model in (64, 100, 200):
+        gen = torch.Generator().manual_seed(d_model)
+        T, H, dh = 24, 3, 8
+        y = torch.randn(T, d_model, generator=gen)
+        pattern = torch.softmax(4 * torch.randn(H, T, T, generator=gen), dim=-1).tril()
+        pattern = pattern / pattern.sum(-1, keepdim=True)
+        acts = contributions.LayerActivations(
+            resid_pre=torch.randn(T, d_model, generator=gen), resid_mid=y, resid_post=y,
+            attn_out=torch.zeros(T, d_model), mlp_out=torch.zeros(T, d_model),
+            v=torch.randn(T, H, dh, generator=gen), pattern=pattern,
+            W_O=torch.randn(H, dh, d_model, generator=gen) * 0.3)
+        got = contributions.attention_proximity_chunk(acts, 0, T, "l1").double()
+        u = contributions.head_outputs(acts.v, acts.W_O).double()
+        for t in range(T):
+            part = pattern.double()[:, t, : t + 1, None] * u[:, : t + 1]
+            want = y.double()[t].abs().sum() - (y.double()[t] - part).abs().sum(-1)
+            torch.testing.assert_close(got[:, t, : t + 1], want, rtol=1e-5, atol=1e-5)
+        print(f"d_model={d_model}: proximities with the kernel equal brute force")
+    assert CALLS[0] > calls, "the kernel did not run"
+
+
+def pipeline_matches_unfused(model_dir: str) -> None:
+    """A tiny Llama traced with the kernel and without: the same edge sets and routes."""
+    from routescope.cluster.pipeline import Pipeline
+
+    pipe = Pipeline.local(model_dir)
+    prompt = "The quick brown fox jumps over the lazy dog, and the dog sleeps on in the sun."
+    calls = CALLS[0]
+    fused = pipe.trace([prompt])[0]
+    assert CALLS[0] > calls, "the kernel did not run"
+    os.environ["ROUTESCOPE_KERNEL"] = "torch"
+    plain = pipe.trace([prompt])[0]
+    os.environ["ROUTESCOPE_KERNEL"] = "triton"
+    a, b = fused.edges, plain.edges
+    for col in ("head_layer", "head_target", "head_source", "head_head", "edge_layer", "edge_target", "edge_source"):
+        assert np.array_equal(getattr(a, col), getattr(b, col)), col
+    for col in ("head_weight", "edge_weight", "res_attn", "ffn", "res_ffn"):
+        np.testing.assert_allclose(getattr(a, col), getattr(b, col), rtol=1e-5, atol=1e-6)
+    ra, rb = fused.route(0.04, targets="all"), plain.route(0.04, targets="all")
+    key = lambda r: sorted(zip(r.kind.tolist(), r.layer.tolist(), r.source.tolist(), r.target.tolist()))  # noqa: E731
+    assert key(ra) == key(rb) and len(key(ra)) > 0
+    print(f"tiny Llama, {a.n_tokens} tokens: edge sets and routes equal with and without the kernel")
+    pipe.close()
+
+
+if __name__ == "__main__":
+    random_bounds_match_unfused_test()
+    correction_is_exact_with_kernel()
+    pipeline_matches_unfused(sys.argv[1])
