@@ -79,3 +79,25 @@ def test_concatenate_checks_tiling():
     assert (merged.layer_start, merged.layer_stop) == (0, 4) and merged.res_attn.shape == (4, 6)
     with pytest.raises(EdgeSetError, match="do not tile"):
         EdgeSet.concatenate([a, make_edge_set(layers=(3, 4))])
+
+
+def test_stage_columns_reach_the_host_in_one_packed_copy():
+    """``to_host`` packs a stage's columns (int64, fp32, fp16 and 2-D stacks, empty ones too) into one
+    buffer for a single device-to-host copy and unpacks every column with its dtype, shape and values."""
+    import torch
+
+    from routescope.workers.stage import to_host
+
+    gen = torch.Generator().manual_seed(0)
+    cols = {
+        "hw": torch.rand(13, generator=gen), "ht": torch.randint(0, 99, (13,), generator=gen),
+        "half": torch.rand(5, generator=gen).half(), "empty": torch.zeros(0, dtype=torch.int64),
+        "ra": torch.rand(3, 7, generator=gen), "el": torch.randint(0, 9, (4,), generator=gen),
+        "odd": torch.rand(3, generator=gen)[::2],  # a non-contiguous view
+    }
+    host = to_host(cols)
+    assert set(host) == set(cols)
+    for name, col in cols.items():
+        got = host[name]
+        assert got.dtype == col.numpy().dtype and got.shape == tuple(col.shape), name
+        assert np.array_equal(got, col.numpy()), name

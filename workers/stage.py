@@ -419,9 +419,7 @@ class Stage:
             cols[key].append(val)
 
     def _edge_set(self, cols: dict[str, list], n_tokens: int, norm: Norm, tau_min: float) -> EdgeSet:
-        # One device-to-host copy per column per prompt.
-        flat = {k: torch.cat(v).cpu().numpy() if k not in ("ra", "f", "rf") else torch.stack(v).cpu().numpy()
-                for k, v in cols.items()}
+        flat = to_host({k: torch.cat(v) if k not in ("ra", "f", "rf") else torch.stack(v) for k, v in cols.items()})
         return EdgeSet(
             model=self.info.name, n_layers=self.n_layers_total, n_heads=self.info.n_heads, n_tokens=n_tokens,
             layer_start=self.start, layer_stop=self.stop, parallel=self.parallel, norm=norm, tau_min=float(tau_min),
@@ -539,6 +537,21 @@ def _check_index(what: str, value: int | None, n: int) -> int:
     if value is None or not 0 <= int(value) < n:
         raise ValueError(f"{what} {value} outside [0, {n - 1}]")
     return int(value)
+
+
+def to_host(columns: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The columns as numpy arrays, moved in one device-to-host copy (one per prompt, not per column)."""
+    # Widest dtypes first, so every column starts aligned in the packed buffer.
+    names = sorted(columns, key=lambda k: -columns[k].element_size())
+    packed = [columns[k].contiguous().reshape(-1).view(torch.uint8) for k in names]
+    host = torch.cat(packed).cpu().numpy() if packed else np.empty(0, np.uint8)
+    out, offset = {}, 0
+    for name, part in zip(names, packed):
+        col = columns[name]
+        dtype = torch.empty(0, dtype=col.dtype).numpy().dtype
+        out[name] = host[offset : offset + part.numel()].view(dtype).reshape(tuple(col.shape))
+        offset += part.numel()
+    return out
 
 
 def _chunk_budget(device: torch.device) -> int:
