@@ -16,7 +16,33 @@ os.environ["ROUTESCOPE_KERNEL"] = "triton"
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
 from routescope.workers import contributions, kernels  # noqa: E402
+
+# The aten operators that make a CUDA host wait for the device.
+SYNCING = {"aten::nonzero", "aten::item", "aten::_local_scalar_dense", "aten::masked_select", "aten::is_nonzero",
+           "aten::equal", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive"}
+
+
+
+class Syncs(TorchDispatchMode):
+    """Records the syncing operators run while active, each with the engine function that ran it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in SYNCING:
+            frame, caller = sys._getframe(1), None
+            while frame is not None and caller is None:  # the engine function that asked
+                if frame.f_code.co_filename.endswith(("contributions.py", "kernels.py")):
+                    caller = frame.f_code.co_name
+                frame = frame.f_back
+            self.seen.append(f"{func._schema.name} in {caller}")
+        return func(*args, **(kwargs or {}))
+
 
 CALLS = [0]
 _bound_candidates = kernels.bound_candidates
@@ -44,14 +70,15 @@ def random_bounds_match_unfused_test() -> None:
         log_a = (torch.rand(S, H, C, generator=gen) * 0.5).log()
         log_a[:3] = float("-inf")  # outside the causal half
         log_y = torch.randn(G, C, generator=gen) * 0.5 + shift
-        flat = kernels.bound_candidates(powers, z, log_u.reshape(G, S * H), log_a.view(S * H, C), log_y,
-                                        contributions._underflow_floor(dg), 1 / contributions.BOUND_POWER)
+        with Syncs() as syncs:
+            flat = kernels.bound_candidates(powers, z, log_u.reshape(G, S * H), log_a.view(S * H, C), log_y,
+                                            contributions._underflow_floor(dg), 1 / contributions.BOUND_POWER)
         total = torch.bmm(powers.float(), z.float()).view(G, S, H, C)
         want = contributions._bound_exceeds(total, log_u, log_a, log_y, dg).view(-1).nonzero().squeeze(1)
         assert torch.equal(flat.sort().values, want), (shift, dtype, len(flat), len(want))
         assert 0 < len(want) < G * S * H * C
         print(f"kernel == unfused test: {len(want)} of {G * S * H * C} bounds pass ({dtype}, "
-              f"list {'overflowed and re-ran' if len(want) > max(1024, G * S * H * C // 16) else 'sufficed'})")
+              f"list {'sufficed' if len(syncs.seen) == 1 else 'overflowed and re-ran'})")
 
 
 def correction_is_exact_with_kernel() -> None:
@@ -102,7 +129,47 @@ def pipeline_matches_unfused(model_dir: str) -> None:
     pipe.close()
 
 
+def no_host_syncs_but_the_candidate_count(model_dir: str) -> None:
+    """With the GPU code paths (the kernel, fixed-size selection), a layer's contributions read the
+    device from the host once per chunk of targets for L1 (the candidates' number; twice where the
+    candidate list overflowed) and never for L2. Counted on the CPU, operator by operator."""
+    from routescope.cluster.pipeline import Pipeline
+
+    counter = Syncs()
+    real, chunks = contributions.layer_contributions, []
+
+    def counted(acts, norm="l1", tau_min=0.01, chunk_bytes=contributions.DEFAULT_CHUNK_BYTES):
+        before = CALLS[0]
+        with counter:
+            out = real(acts, norm, tau_min, chunk_bytes)
+        chunks.append(CALLS[0] - before)
+        return out
+
+    contributions.FIXED_SIZE_SELECTION = True
+    from routescope.workers import stage as stage_module
+
+    stage_module.layer_contributions = counted
+    pipe = Pipeline.local(model_dir)
+    for client in pipe.clients:
+        client.stage.chunk_bytes = 60_000  # with over MIN_CHUNK_TARGETS tokens: several chunks a layer
+    prompt = "Counting the host syncs of a trace: one per chunk of targets, for the number of candidates. " * 2
+    for norm in ("l1", "l2"):
+        counter.seen.clear()
+        chunks.clear()
+        pipe.trace([prompt], norm=norm)
+        # One read per kernel launch: a launch whose candidate list overflowed is followed by one more.
+        assert set(counter.seen) <= {"aten::item in bound_candidates"}, counter.seen
+        assert len(counter.seen) >= sum(chunks) and (norm == "l1") == (len(counter.seen) > 0), (norm, counter.seen)
+        assert norm == "l2" or min(chunks) > 1
+        print(f"{norm}: {len(counter.seen)} host syncs in {len(chunks)} layers ({sum(chunks)} chunks of targets "
+              "in the kernel; each sync reads a number of candidates)")
+    stage_module.layer_contributions = real
+    contributions.FIXED_SIZE_SELECTION = None
+    pipe.close()
+
+
 if __name__ == "__main__":
     random_bounds_match_unfused_test()
     correction_is_exact_with_kernel()
     pipeline_matches_unfused(sys.argv[1])
+    no_host_syncs_but_the_candidate_count(sys.argv[1])

@@ -74,7 +74,9 @@ class SparseLayerContributions:
 
     Head parts and head-summed attention edges are kept when ``>= tau_min``; the per-position
     values (residual and FFN parts) are kept densely. For parallel blocks ``c_ffn`` is the share of
-    ``mlp_out`` in the single whole ``resid_post`` and ``c_res_ffn`` is all zeros.
+    ``mlp_out`` in the single whole ``resid_post`` and ``c_res_ffn`` is all zeros. On GPUs the
+    head and edge lists are fixed-size, padded with rows whose source is -1 (see ``_at_least``);
+    whoever reads them on the host drops those.
     """
 
     head_target: torch.Tensor  # int64 [n]
@@ -337,6 +339,27 @@ def attention_contributions_chunk(
     return prox / total[None, :, None], prox_res / total, c_mlp
 
 
+FIXED_SIZE_SELECTION: bool | None = None  # None: on GPUs (tests set True to run that path on a CPU)
+
+
+def _at_least(x: torch.Tensor, tau: float) -> torch.Tensor:
+    """Indices ``[n, x.dim()]`` of the entries ``>= tau``, in row-major order like ``nonzero``.
+
+    Rows of ``x`` are targets, and a target's contributions sum to 1 (to within fp32 rounding), so
+    no more than ``1.01 / tau`` of its entries pass. On GPUs the indices are therefore a list of that
+    fixed size padded with -1 (``nonzero_static``): unlike ``nonzero`` it needs no host sync to learn
+    its length. On CPUs exactly ``nonzero``.
+    """
+    fixed = x.device.type != "cpu" if FIXED_SIZE_SELECTION is None else FIXED_SIZE_SELECTION
+    if not fixed:
+        return (x >= tau).nonzero()
+    size = min(x.numel(), x.shape[0] * math.floor(1.01 / tau) if tau > 0 else x.numel())
+    try:
+        return torch.nonzero_static(x >= tau, size=size, fill_value=-1)
+    except NotImplementedError:  # no CUDA kernel before torch 2.6
+        return (x >= tau).nonzero()
+
+
 def layer_contributions(
     acts: LayerActivations,
     norm: Norm = "l1",
@@ -365,11 +388,11 @@ def layer_contributions(
         c_res_attn[t0:t1] = c_res
         if c_mlp is not None:
             c_ffn[t0:t1] = c_mlp
-        c = c_attn.permute(1, 2, 0)  # [C, S, H]: nonzero() yields rows sorted by (t, s, h)
-        t, s, h = (c >= tau_min).nonzero().unbind(1)
+        c = c_attn.permute(1, 2, 0)  # [C, S, H]: rows come sorted by (t, s, h)
+        t, s, h = _at_least(c, tau_min).unbind(1)
         heads.append((t + t0, s, h, c[t, s, h]))
         w = c.sum(-1)
-        t, s = (w >= tau_min).nonzero().unbind(1)
+        t, s = _at_least(w, tau_min).unbind(1)
         edges.append((t + t0, s, w[t, s]))
     if acts.parallel:
         c_res_ffn = torch.zeros(n_tokens, device=device)

@@ -420,6 +420,10 @@ class Stage:
 
     def _edge_set(self, cols: dict[str, list], n_tokens: int, norm: Norm, tau_min: float) -> EdgeSet:
         flat = to_host({k: torch.cat(v) if k not in ("ra", "f", "rf") else torch.stack(v) for k, v in cols.items()})
+        for names, source in ((("hl", "ht", "hs", "hh", "hw"), "hs"), (("el", "et", "es", "ew"), "es")):
+            keep = flat[source] >= 0  # drop the padding of fixed-size lists (GPUs)
+            if not keep.all():
+                flat.update({k: flat[k][keep] for k in names})
         return EdgeSet(
             model=self.info.name, n_layers=self.n_layers_total, n_heads=self.info.n_heads, n_tokens=n_tokens,
             layer_start=self.start, layer_stop=self.stop, parallel=self.parallel, norm=norm, tau_min=float(tau_min),
