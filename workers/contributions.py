@@ -215,7 +215,8 @@ def _bound_exceeds_fused(*args) -> torch.Tensor:
 
 
 def _l1_correction(
-    bounds: L1Bounds, a: torch.Tensor, y: torch.Tensor, sign: torch.Tensor, chunk_bytes: int
+    bounds: L1Bounds, a: torch.Tensor, y: torch.Tensor, sign: torch.Tensor, chunk_bytes: int,
+    dropped: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``sum_i relu(a * sign(y_i) * u_i - |y_i|)`` for every part, exactly: fp32 ``[H, C, S]``.
 
@@ -228,6 +229,10 @@ def _l1_correction(
     is part of the sum). Only (group, part) pairs whose bound exceeds 1 are evaluated, exactly, over
     the group's coordinates: about 1.02x the pairs that truly need it, 0.05% of all coordinates.
     ``sign`` is ``sign(y)`` with ``sign(0) = +1``, as the main term used it.
+
+    Where the fused kernels run (``kernels.available``), given ``dropped`` (an int64 ``[1]`` device
+    tensor) the search does not wait for the device: the candidates that did not fit its list are
+    added to ``dropped``, and the caller must redo the work with ``dropped=None`` if any were.
     """
     H, C, S = a.shape
     G, dg = bounds.powers.shape[0], bounds.rows.shape[-1]
@@ -247,18 +252,18 @@ def _l1_correction(
     z = z.view(G, 2 * dg, C).to(powers.dtype)
     log_a = a.permute(2, 0, 1).log().contiguous()  # [S, H, C]; log 0 = -inf: never a candidate
     log_y = (y_min.log().T - BOUND_SLACK).contiguous()  # [G, C]
-    if kernels.available(y.device):  # matmul, test and nonzero in one kernel
-        flat = kernels.bound_candidates(powers, z, bounds.log_max_abs[:, :S].reshape(G, S * H),
-                                        log_a.view(S * H, C), log_y, _underflow_floor(dg), 1.0 / BOUND_POWER,
-                                        n_heads=H, first_target=S - C)  # the chunk's targets end with its sources
-        g, rest = flat.div(S * H * C, rounding_mode="floor"), flat.remainder(S * H * C)
-        sh, c = rest.div(C, rounding_mode="floor"), rest.remainder(C)
-        s, h = sh.div(H, rounding_mode="floor"), sh.remainder(H)
-    else:
-        total = torch.bmm(powers, z).view(G, S, H, C)
-        exceeds = _bound_exceeds_fused if total.is_cuda and _fused_enabled() else _bound_exceeds
-        g, s, h, c = exceeds(total, bounds.log_max_abs[:, :S], log_a, log_y, dg).nonzero(as_tuple=True)
-        del total
+    if kernels.available(y.device):  # matmul, test and list in one kernel, the correction in another
+        found = kernels.bound_candidates(powers, z, bounds.log_max_abs[:, :S].reshape(G, S * H),
+                                         log_a.view(S * H, C), log_y, _underflow_floor(dg), 1.0 / BOUND_POWER,
+                                         n_heads=H, first_target=S - C,  # the chunk's targets end its sources
+                                         synced=dropped is None)
+        if dropped is not None:
+            dropped += found.dropped()
+        return kernels.correction(found, bounds.rows, sign_abs, a.contiguous()).view(H, C, S)
+    total = torch.bmm(powers, z).view(G, S, H, C)
+    exceeds = _bound_exceeds_fused if total.is_cuda and _fused_enabled() else _bound_exceeds
+    g, s, h, c = exceeds(total, bounds.log_max_abs[:, :S], log_a, log_y, dg).nonzero(as_tuple=True)
+    del total
     corr = torch.zeros(H * C * S, device=a.device)
     a_flat = a.reshape(-1)
     rows = bounds.rows.reshape(-1, dg)
@@ -281,11 +286,13 @@ def attention_proximity_chunk(
     norm: Norm,
     bounds: L1Bounds | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    dropped: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Raw proximities (before ``eps`` clamp) of the parts ``(s, h)`` of targets ``t0..t1-1``.
 
     Returns fp32 ``[H, t1 - t0, t1]``; entries with ``s > t`` are meaningless (callers mask them).
-    ``bounds`` (L1 only) may be passed in to reuse them across chunks of one layer.
+    ``bounds`` (L1 only) may be passed in to reuse them across chunks of one layer; ``dropped``: see
+    ``_l1_correction``.
     """
     n_heads = acts.W_O.shape[0]
     y = acts.attn_whole[t0:t1].float()  # [C, d]
@@ -309,7 +316,7 @@ def attention_proximity_chunk(
         bounds = L1Bounds.build(acts.v, acts.W_O)
     causal = torch.ones(t1 - t0, t1, dtype=torch.bool, device=y.device).tril(t0)
     a = torch.where(causal, a, 0.0)
-    return prox - 2 * _l1_correction(bounds, a, y, sign, chunk_bytes)
+    return prox - 2 * _l1_correction(bounds, a, y, sign, chunk_bytes, dropped)
 
 
 def attention_contributions_chunk(
@@ -319,6 +326,7 @@ def attention_contributions_chunk(
     norm: Norm = "l1",
     bounds: L1Bounds | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    dropped: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Normalised contributions to the attention whole of targets ``t0..t1-1``.
 
@@ -326,7 +334,7 @@ def attention_contributions_chunk(
     ``s > t``, and everything sums to 1 per target. ``c_mlp`` exists for parallel blocks only.
     """
     whole = acts.attn_whole[t0:t1]
-    prox = attention_proximity_chunk(acts, t0, t1, norm, bounds=bounds, chunk_bytes=chunk_bytes)
+    prox = attention_proximity_chunk(acts, t0, t1, norm, bounds=bounds, chunk_bytes=chunk_bytes, dropped=dropped)
     causal = torch.ones(t1 - t0, t1, dtype=torch.bool, device=prox.device).tril(t0)
     prox = torch.where(causal, prox.clamp_min(EPS), 0.0)  # future positions are not parts
     prox_res = proximity(whole, acts.resid_pre[t0:t1], norm)
@@ -365,8 +373,14 @@ def layer_contributions(
     norm: Norm = "l1",
     tau_min: float = 0.01,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    dropped: torch.Tensor | None = None,
 ) -> SparseLayerContributions:
-    """All contributions of one layer (SPEC sections 3-4), sparse at ``tau_min``."""
+    """All contributions of one layer (SPEC sections 3-4), sparse at ``tau_min``.
+
+    ``dropped``: where the fused kernels run, an int64 ``[1]`` device tensor; the L1 candidate
+    search then never waits for the device, and counts there what did not fit its lists (see
+    ``_l1_correction``): if that is not 0, the layer must be computed again without ``dropped``.
+    """
     n_tokens = acts.resid_pre.shape[0]
     n_heads = acts.W_O.shape[0]
     device = acts.resid_pre.device
@@ -384,7 +398,7 @@ def layer_contributions(
     c_ffn = torch.empty(n_tokens, device=device)
     for t0 in range(0, n_tokens, step):
         t1 = min(n_tokens, t0 + step)
-        c_attn, c_res, c_mlp = attention_contributions_chunk(acts, t0, t1, norm, bounds, chunk_bytes)
+        c_attn, c_res, c_mlp = attention_contributions_chunk(acts, t0, t1, norm, bounds, chunk_bytes, dropped)
         c_res_attn[t0:t1] = c_res
         if c_mlp is not None:
             c_ffn[t0:t1] = c_mlp

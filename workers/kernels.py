@@ -1,20 +1,23 @@
-"""A fused GPU kernel for the L1 correction's candidate search (``contributions._l1_correction``).
+"""Fused GPU kernels for the L1 correction (``contributions._l1_correction``).
 
-Unfused, the search is a batched matmul writing a ``[G, S, H, C]`` bound tensor, a pass testing it
-and a ``nonzero`` over the result: on a GPU these read and write the bound tensor (71 groups per
-part for Llama-2-13B) several times and cost more than the forward pass. ``bound_candidates`` does
-the three in one Triton kernel: each program multiplies one tile of the bound's matmul in
-registers, tests it in the epilogue and appends the indices that pass to a list, so the bound
-tensor never reaches memory.
+Unfused, the candidate search is a batched matmul writing a ``[G, S, H, C]`` bound tensor, a pass
+testing it and a ``nonzero`` over the result: on a GPU these read and write the bound tensor (71
+groups per part for Llama-2-13B) several times and cost more than the forward pass, and
+``nonzero`` makes the host wait. ``bound_candidates`` does the three in one Triton kernel: each
+program multiplies one tile of the bound's matmul in registers, tests it in the epilogue and
+appends the indices that pass to a list, so the bound tensor never reaches memory. ``correction``
+then evaluates the listed candidates, reading their number on the device: nothing waits for the
+device inside a layer (a list that overflowed is reported for the caller to redo the work).
 
 Triton ships with CUDA builds of PyTorch. Where it is missing, ``available()`` is False and the
-unfused path runs. The tests run the kernel on the CPU in Triton's interpreter
-(``TRITON_INTERPRET=1``).
+unfused path runs. The tests run the kernels on the CPU in Triton's interpreter
+(``TRITON_INTERPRET=1``, tests/kernel_checks.py).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -77,22 +80,67 @@ if triton is not None:
                 tl.store(out + pos, tl.reshape(index, (BM * BN,)), mask=(flat_hit > 0) & (pos < capacity))
 
 
-# About 2% of bounds pass on SmolLM2. The candidate list is sized for 1.5x the rate seen last (at
-# least 1/32 of the bounds) and re-run, sized exactly, when it overflows.
+
+    @triton.jit
+    def _correction_kernel(
+        index, count, capacity, rows, sign_abs, a, corr,
+        n_sources, n_groups, n_heads, n_targets, n_cols_a, dg,
+        DG: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        n = tl.minimum(tl.load(count), capacity)
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        if tl.program_id(0) * BLOCK < n:  # the grid covers the list's capacity; its tail is idle
+            valid = i < n
+            f = tl.load(index + i, mask=valid, other=0)
+            per_group = n_cols_a * n_heads * n_targets
+            g = f // per_group
+            sh = (f % per_group) // n_targets
+            c = f % n_targets
+            s, h = sh // n_heads, sh % n_heads
+            part = (h * n_targets + c) * n_cols_a + s  # into a / corr, [H, C, S]
+            weight = tl.load(a + part, mask=valid, other=0.0)
+            k = tl.arange(0, DG)
+            both = valid[:, None] & (k < dg)[None, :]
+            u = tl.load(rows + ((h * n_sources + s) * n_groups + g)[:, None] * dg + k[None, :], mask=both, other=0.0)
+            y_row = sign_abs + ((c * n_groups + g) * 2 * dg)[:, None] + k[None, :]
+            sign = tl.load(y_row, mask=both, other=0.0)
+            y_abs = tl.load(y_row + dg, mask=both, other=0.0)
+            val = tl.sum(tl.maximum(u * weight[:, None] * sign - y_abs, 0.0), axis=1)
+            tl.atomic_add(corr + part, val, mask=valid & (val > 0))
+
+
+@dataclass
+class Candidates:
+    """The kernel's list: ``index[:count]`` are flat indices into ``[G, S*H, C]`` (no order)."""
+
+    index: torch.Tensor  # int64 [capacity]
+    count: torch.Tensor  # int32 [1], on the device; above ``capacity`` where the list overflowed
+    capacity: int
+
+    def dropped(self) -> torch.Tensor:
+        """How many passing indices did not fit (int64 [1], on the device: no host sync)."""
+        return (self.count.long() - self.capacity).clamp_min_(0)
+
+
+# About 2% of bounds pass on SmolLM2. A synced search sizes its list for 1.5x the rate it saw last
+# (at least 1/32 of the bounds) and re-runs, sized exactly, when the list overflows.
 _MIN_PASS_RATE = 1 / 32
+_MIN_CAPACITY = 1024
 _pass_rate = 1 / 16
 
 
 def bound_candidates(powers: torch.Tensor, z: torch.Tensor, log_u: torch.Tensor, log_a: torch.Tensor,
                      log_y: torch.Tensor, floor: float, inv_p: float, n_heads: int = 1,
-                     first_target: int | None = None) -> torch.Tensor:
-    """Flat indices into ``[G, M, N]`` where ``log(max(powers @ z, floor)) * inv_p + log_u + log_a > log_y``.
+                     first_target: int | None = None, synced: bool = True) -> Candidates:
+    """Where ``log(max(powers @ z, floor)) * inv_p + log_u + log_a > log_y``, as flat indices into ``[G, M, N]``.
 
     ``powers`` ``[G, M, K]`` and ``z`` ``[G, K, N]`` (bf16 or fp32, fp32 accumulation), ``log_u``
     ``[G, M]``, ``log_a`` ``[M, N]``, ``log_y`` ``[G, N]`` (fp32). Row ``m`` is source
     ``m // n_heads``, column ``n`` target ``first_target + n``: tiles with no source at or before a
-    target are skipped (their ``log_a`` must be -inf). Default: no tile is skipped. Returns int64
-    indices in no particular order, after one device-to-host read of their number (as ``nonzero``).
+    target are skipped (their ``log_a`` must be -inf). Default: no tile is skipped.
+
+    ``synced``: the host reads the number found (as ``nonzero`` does) and the list always holds
+    them all. Otherwise nothing waits for the device, and the caller must check ``dropped()``.
     """
     G, M, K = powers.shape
     N = z.shape[2]
@@ -105,7 +153,7 @@ def bound_candidates(powers: torch.Tensor, z: torch.Tensor, log_u: torch.Tensor,
     grid = (G, triton.cdiv(M, BM), triton.cdiv(N, BN))
     global _pass_rate
     count = torch.zeros(1, dtype=torch.int32, device=powers.device)
-    capacity = max(1024, int(G * M * N * _pass_rate))
+    capacity = max(_MIN_CAPACITY, int(G * M * N * _pass_rate))
     while True:
         out = torch.empty(capacity, dtype=torch.int64, device=powers.device)
         _bound_candidates_kernel[grid](
@@ -115,9 +163,29 @@ def bound_candidates(powers: torch.Tensor, z: torch.Tensor, log_u: torch.Tensor,
             log_u.stride(0), log_a.stride(0), log_a.stride(1), log_y.stride(0),
             BM=BM, BN=BN, BK=BK,
         )
+        if not synced:
+            return Candidates(out, count, capacity)
         n = int(count.item())
         _pass_rate = max(_MIN_PASS_RATE, 0.9 * _pass_rate, 1.5 * n / (G * M * N))
         if n <= capacity:
-            return out[:n]
+            return Candidates(out, count, capacity)
         capacity = n  # the list overflowed (indices past its end were dropped): once more, sized exactly
         count.zero_()
+
+
+def correction(candidates: Candidates, rows: torch.Tensor, sign_abs: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``sum_i relu(a * sign(y_i) * u_i - |y_i|)`` over each candidate's group, summed per part: fp32 ``[H*C*S]``.
+
+    ``rows`` ``[H, n_sources, G, dg]`` (u), ``sign_abs`` ``[C, G, 2, dg]`` (sign and ``|y|``), ``a``
+    ``[H, C, S]``, all fp32 and contiguous; the candidates index ``[G, S*H, C]``. Needs no host sync.
+    """
+    H, n_sources, G, dg = rows.shape
+    C, S = a.shape[1], a.shape[2]
+    corr = torch.zeros(H * C * S, device=a.device)
+    BLOCK = 32 if a.device.type != "cuda" else 64
+    grid = (triton.cdiv(candidates.capacity, BLOCK),)
+    _correction_kernel[grid](
+        candidates.index, candidates.count, candidates.capacity, rows, sign_abs, a, corr,
+        n_sources, G, H, C, S, dg, DG=triton.next_power_of_2(dg), BLOCK=BLOCK,
+    )
+    return corr

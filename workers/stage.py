@@ -31,6 +31,7 @@ from .contributions import (
     neuron_contributions,
     target_head_contributions,
 )
+from . import kernels
 from .edgeset import EdgeSet
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -322,19 +323,26 @@ class Stage:
         """
         with self._lock, torch.inference_mode():
             keep = keep and run_ids is not None and self._fits_cache(inputs.shape[1], lengths)
-            columns: list[dict[str, list]] = [_new_columns() for _ in lengths]
-            kept: list[list[dict[str, torch.Tensor]]] = [[] for _ in lengths]
+            # With the fused kernels the layers never wait for the device; whether a candidate list
+            # overflowed is read once, at the end, and then the batch is computed again, synced.
+            dropped = torch.zeros(1, dtype=torch.long, device=self.device) if kernels.available(self.device) else None
+            while True:
+                columns: list[dict[str, list]] = [_new_columns() for _ in lengths]
+                kept: list[list[dict[str, torch.Tensor]]] = [[] for _ in lengths]
 
-            def on_layer(i: int, layer: dict[str, torch.Tensor]) -> None:
-                # Each layer's contributions are computed as soon as it has run, so only one
-                # layer's activations (its [H, T, T] pattern above all) are alive at a time.
-                for b, n in enumerate(lengths):
-                    acts = self._slice(layer, b, n)
-                    self._add_layer(columns[b], i, acts, norm, tau_min)
-                    if keep:
-                        kept[b].append(acts)
+                def on_layer(i: int, layer: dict[str, torch.Tensor]) -> None:
+                    # Each layer's contributions are computed as soon as it has run, so only one
+                    # layer's activations (its [H, T, T] pattern above all) are alive at a time.
+                    for b, n in enumerate(lengths):
+                        acts = self._slice(layer, b, n)
+                        self._add_layer(columns[b], i, acts, norm, tau_min, dropped)
+                        if keep:
+                            kept[b].append(acts)
 
-            resid_out = self._run(inputs, lengths, on_layer)
+                resid_out = self._run(inputs, lengths, on_layer)
+                if dropped is None or int(dropped.item()) == 0:
+                    break
+                dropped = None
             payloads = [self._edge_set(columns[b], n, norm, tau_min).encode() for b, n in enumerate(lengths)]
             if keep:
                 for b, n in enumerate(lengths):
@@ -408,8 +416,8 @@ class Stage:
         )
 
     def _add_layer(self, cols: dict[str, list], i: int, acts: dict[str, torch.Tensor], norm: Norm,
-                   tau_min: float) -> None:
-        c = layer_contributions(self._layer_acts(acts, i), norm, tau_min, self.chunk_bytes)
+                   tau_min: float, dropped: torch.Tensor | None = None) -> None:
+        c = layer_contributions(self._layer_acts(acts, i), norm, tau_min, self.chunk_bytes, dropped)
         g = self.start + i
         cols["hl"].append(torch.full_like(c.head_target, g))
         cols["el"].append(torch.full_like(c.edge_target, g))
