@@ -205,6 +205,47 @@ def test_half_precision_models_keep_contributions_normalised(tiny_dirs, dtype):
     assert len(g.route(0.04)) > 0
 
 
+def _random_layer(d_model: int, T: int = 24, H: int = 3, dh: int = 8):
+    """Activations of one attention layer with peaked attention and ``|a u_i|`` of the order of ``|y_i|``."""
+    from routescope.workers.contributions import LayerActivations
+
+    gen = torch.Generator().manual_seed(d_model)
+    y = torch.randn(T, d_model, generator=gen)
+    y[::5, -1] = 0.0  # sign(0) = +1, in the last (padded) group only: a zero makes its group a candidate
+    pattern = torch.softmax(4 * torch.randn(H, T, T, generator=gen), dim=-1).tril()
+    pattern = pattern / pattern.sum(-1, keepdim=True)
+    return LayerActivations(
+        resid_pre=torch.randn(T, d_model, generator=gen), resid_mid=y, resid_post=y,
+        attn_out=torch.zeros(T, d_model), mlp_out=torch.zeros(T, d_model),
+        v=torch.randn(T, H, dh, generator=gen), pattern=pattern, W_O=torch.randn(H, dh, d_model, generator=gen) * 0.3,
+    )
+
+
+def test_kernel_failure_falls_back_to_the_unfused_path(monkeypatch):
+    """A fused kernel that fails (no compiler for the GPU, ...) warns once and leaves the unfused path
+    to compute the same result; forced with ROUTESCOPE_KERNEL=triton, its error is raised."""
+    from routescope.workers import kernels
+    from routescope.workers.contributions import attention_proximity_chunk
+
+    acts = _random_layer(100)
+    want = attention_proximity_chunk(acts, 0, 24, "l1")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.delenv("ROUTESCOPE_KERNEL", raising=False)
+    monkeypatch.setattr(kernels, "_failure", None)
+    monkeypatch.setattr(kernels, "available", lambda device: kernels._failure is None)
+    monkeypatch.setattr(kernels, "bound_candidates", broken)
+    with pytest.warns(UserWarning, match="fused L1 kernels failed .RuntimeError: PTX assembly failed"):
+        got = attention_proximity_chunk(acts, 0, 24, "l1")
+    assert torch.equal(got, want) and kernels._failure == "RuntimeError: PTX assembly failed"
+    monkeypatch.setattr(kernels, "_failure", None)
+    monkeypatch.setenv("ROUTESCOPE_KERNEL", "triton")
+    with pytest.raises(RuntimeError, match="PTX assembly failed"):
+        attention_proximity_chunk(acts, 0, 24, "l1")
+
+
 @pytest.mark.parametrize("matmul_dtype", [torch.float32, torch.bfloat16])  # bf16: the GPU default
 @pytest.mark.parametrize("d_model", [64, 100, 200])  # one group; a padded second group; three, the last padded
 def test_l1_correction_bound_is_exact_with_partial_coordinate_groups(d_model, matmul_dtype):
@@ -214,19 +255,10 @@ def test_l1_correction_bound_is_exact_with_partial_coordinate_groups(d_model, ma
     Real models hit this (Llama-2-13B d=5120, OPT-30B d=7168); the tiny models and SmolLM2 do not.
     Peaked attention and ``|a u_i|`` of the order of ``|y_i|`` put many bounds close to 1.
     """
-    from routescope.workers.contributions import L1Bounds, LayerActivations, attention_proximity_chunk, head_outputs
+    from routescope.workers.contributions import L1Bounds, attention_proximity_chunk, head_outputs
 
-    gen = torch.Generator().manual_seed(d_model)
-    T, H, dh = 24, 3, 8
-    y = torch.randn(T, d_model, generator=gen)
-    y[::5, -1] = 0.0  # sign(0) = +1, in the last (padded) group only: a zero makes its group a candidate
-    pattern = torch.softmax(4 * torch.randn(H, T, T, generator=gen), dim=-1).tril()
-    pattern = pattern / pattern.sum(-1, keepdim=True)
-    acts = LayerActivations(
-        resid_pre=torch.randn(T, d_model, generator=gen), resid_mid=y, resid_post=y,
-        attn_out=torch.zeros(T, d_model), mlp_out=torch.zeros(T, d_model),
-        v=torch.randn(T, H, dh, generator=gen), pattern=pattern, W_O=torch.randn(H, dh, d_model, generator=gen) * 0.3,
-    )
+    acts = _random_layer(d_model)
+    y, pattern, T = acts.resid_mid, acts.pattern, acts.resid_mid.shape[0]
     bounds = L1Bounds.build(acts.v, acts.W_O, matmul_dtype=matmul_dtype)
     assert bounds.powers.dtype == matmul_dtype
     got = attention_proximity_chunk(acts, 0, T, "l1", bounds=bounds).double()

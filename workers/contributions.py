@@ -253,13 +253,17 @@ def _l1_correction(
     log_a = a.permute(2, 0, 1).log().contiguous()  # [S, H, C]; log 0 = -inf: never a candidate
     log_y = (y_min.log().T - BOUND_SLACK).contiguous()  # [G, C]
     if kernels.available(y.device):  # matmul, test and list in one kernel, the correction in another
-        found = kernels.bound_candidates(powers, z, bounds.log_max_abs[:, :S].reshape(G, S * H),
-                                         log_a.view(S * H, C), log_y, _underflow_floor(dg), 1.0 / BOUND_POWER,
-                                         n_heads=H, first_target=S - C,  # the chunk's targets end its sources
-                                         synced=dropped is None)
-        if dropped is not None:
-            dropped += found.dropped()
-        return kernels.correction(found, bounds.rows, sign_abs, a.contiguous()).view(H, C, S)
+        try:
+            found = kernels.bound_candidates(powers, z, bounds.log_max_abs[:, :S].reshape(G, S * H),
+                                             log_a.view(S * H, C), log_y, _underflow_floor(dg), 1.0 / BOUND_POWER,
+                                             n_heads=H, first_target=S - C,  # the chunk's targets end its sources
+                                             synced=dropped is None)
+            corr = kernels.correction(found, bounds.rows, sign_abs, a.contiguous()).view(H, C, S)
+            if dropped is not None:
+                dropped += found.dropped()
+            return corr
+        except Exception as exc:  # no compiler for this GPU, ...: the same result, unfused
+            kernels.fall_back(exc)
     total = torch.bmm(powers, z).view(G, S, H, C)
     exceeds = _bound_exceeds_fused if total.is_cuda and _fused_enabled() else _bound_exceeds
     g, s, h, c = exceeds(total, bounds.log_max_abs[:, :S], log_a, log_y, dg).nonzero(as_tuple=True)

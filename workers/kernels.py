@@ -17,6 +17,7 @@ unfused path runs. The tests run the kernels on the CPU in Triton's interpreter
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -28,14 +29,28 @@ except ImportError:  # CPU-only installs: the unfused path runs
     triton = None
 
 
+_failure: str | None = None  # why the kernels stopped being used in this process
+
+
 def available(device: torch.device) -> bool:
-    """Whether ``bound_candidates`` runs for tensors on ``device`` (``ROUTESCOPE_KERNEL=torch`` disables it)."""
+    """Whether the kernels run for tensors on ``device``: on GPUs with Triton, unless they failed
+    (``ROUTESCOPE_KERNEL=torch`` disables them; ``=triton`` forces them, also on CPUs, interpreted)."""
     choice = os.environ.get("ROUTESCOPE_KERNEL", "auto")
     if triton is None or choice == "torch":
         return False
-    if choice == "triton":  # forced, e.g. the interpreter on a CPU in the tests
+    if choice == "triton":
         return True
-    return device.type == "cuda"
+    return device.type == "cuda" and _failure is None
+
+
+def fall_back(exc: Exception) -> None:
+    """After a kernel failure: warn and use the unfused path from now on, unless the kernels were forced."""
+    global _failure
+    if os.environ.get("ROUTESCOPE_KERNEL") == "triton":
+        raise exc
+    _failure = f"{type(exc).__name__}: {exc}"
+    warnings.warn(f"the fused L1 kernels failed ({_failure}); using the unfused path "
+                  "(set ROUTESCOPE_KERNEL=torch to skip them)")
 
 
 if triton is not None:
@@ -148,20 +163,18 @@ def bound_candidates(powers: torch.Tensor, z: torch.Tensor, log_u: torch.Tensor,
         n_heads, first_target = 1, M
     if log_u.stride(1) != 1 or log_y.stride(1) != 1:
         raise ValueError("bound_candidates: log_u and log_y must be contiguous along their last dimension")
-    interpret = powers.device.type != "cuda"
-    BM, BN, BK = (32, 32, 16) if interpret else (128, 64, 32)
-    grid = (G, triton.cdiv(M, BM), triton.cdiv(N, BN))
+    kernel, blocks = _bound_kernel(powers.device)
+    grid = lambda meta: (G, triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))  # noqa: E731
     global _pass_rate
     count = torch.zeros(1, dtype=torch.int32, device=powers.device)
     capacity = max(_MIN_CAPACITY, int(G * M * N * _pass_rate))
     while True:
         out = torch.empty(capacity, dtype=torch.int64, device=powers.device)
-        _bound_candidates_kernel[grid](
+        kernel[grid](
             powers, z, log_u, log_a, log_y, out, count,
             M, N, K, n_heads, first_target, capacity, floor, inv_p,
             powers.stride(0), powers.stride(1), powers.stride(2), z.stride(0), z.stride(1), z.stride(2),
-            log_u.stride(0), log_a.stride(0), log_a.stride(1), log_y.stride(0),
-            BM=BM, BN=BN, BK=BK,
+            log_u.stride(0), log_a.stride(0), log_a.stride(1), log_y.stride(0), **blocks,
         )
         if not synced:
             return Candidates(out, count, capacity)
@@ -182,10 +195,35 @@ def correction(candidates: Candidates, rows: torch.Tensor, sign_abs: torch.Tenso
     H, n_sources, G, dg = rows.shape
     C, S = a.shape[1], a.shape[2]
     corr = torch.zeros(H * C * S, device=a.device)
-    BLOCK = 32 if a.device.type != "cuda" else 64
-    grid = (triton.cdiv(candidates.capacity, BLOCK),)
-    _correction_kernel[grid](
-        candidates.index, candidates.count, candidates.capacity, rows, sign_abs, a, corr,
-        n_sources, G, H, C, S, dg, DG=triton.next_power_of_2(dg), BLOCK=BLOCK,
+    kernel, blocks = _correction_kernel_for(a.device)
+    grid = lambda meta: (triton.cdiv(candidates.capacity, meta["BLOCK"]),)  # noqa: E731
+    kernel[grid](
+        candidates.index, candidates.count, candidates.capacity, rows.contiguous(), sign_abs, a, corr,
+        n_sources, G, H, C, S, dg, DG=triton.next_power_of_2(dg), **blocks,
     )
     return corr
+
+
+_tuned: dict[str, object] = {}
+
+
+def _bound_kernel(device: torch.device) -> tuple[object, dict[str, int]]:
+    """The candidate kernel and the block sizes to pass it: small fixed ones in the interpreter; on
+    GPUs autotuned once per coordinate-group size (the count is reset between trials)."""
+    if device.type != "cuda":
+        return _bound_candidates_kernel, {"BM": 32, "BN": 32, "BK": 16}
+    if "bound" not in _tuned:
+        configs = [triton.Config({"BM": bm, "BN": bn, "BK": 32}, num_warps=w, num_stages=3)
+                   for bm, bn, w in ((128, 64, 4), (128, 64, 8), (64, 64, 4), (128, 128, 8))]
+        _tuned["bound"] = triton.autotune(configs, key=["n_inner"], reset_to_zero=["count"])(_bound_candidates_kernel)
+    return _tuned["bound"], {}
+
+
+def _correction_kernel_for(device: torch.device) -> tuple[object, dict[str, int]]:
+    """The correction kernel and its block size, as ``_bound_kernel`` (the sums are reset between trials)."""
+    if device.type != "cuda":
+        return _correction_kernel, {"BLOCK": 32}
+    if "correction" not in _tuned:
+        configs = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((16, 4), (32, 4), (64, 8))]
+        _tuned["correction"] = triton.autotune(configs, key=["dg"], reset_to_zero=["corr"])(_correction_kernel)
+    return _tuned["correction"], {}
