@@ -165,12 +165,13 @@ def no_host_syncs_inside_layers(model_dir: str) -> None:
     os.environ["ROUTESCOPE_KERNEL"] = "torch"
     reference = pipe.trace([prompt])[0].edges
     os.environ["ROUTESCOPE_KERNEL"] = "triton"
-    saved = kernels._MIN_CAPACITY, kernels._MIN_PASS_RATE, kernels._pass_rate
-    kernels._MIN_CAPACITY, kernels._MIN_PASS_RATE, kernels._pass_rate = 4, 1e-9, 1e-9  # lists of 4
+    saved = kernels._MIN_CAPACITY, kernels._pass_rate
+    kernels._MIN_CAPACITY, kernels._pass_rate = 4, 1e-9  # lists of 4
     counter.seen.clear()
     chunks.clear()
     got = pipe.trace([prompt])[0].edges
-    kernels._MIN_CAPACITY, kernels._MIN_PASS_RATE, kernels._pass_rate = saved
+    assert kernels._pass_rate > 1e-3  # the synced searches raised it for the next batches
+    kernels._MIN_CAPACITY, kernels._pass_rate = saved
     assert len(chunks) == 2 * n_layers and counter.seen, (len(chunks), counter.seen)  # computed again, synced
     assert set(counter.seen) == {"aten::item in bound_candidates"}
     for col in ("head_layer", "head_target", "head_source", "head_head", "edge_layer", "edge_target", "edge_source"):
