@@ -221,6 +221,18 @@ def _random_layer(d_model: int, T: int = 24, H: int = 3, dh: int = 8):
     )
 
 
+def test_unfused_bound_runs_in_blocks_of_targets_within_the_budget():
+    """The unfused candidate search splits a chunk's targets into blocks its bound tensor fits (a
+    chunk sized for the kernels is too large for it) and finds exactly the same corrections."""
+    from routescope.workers.contributions import MIN_CHUNK_TARGETS, attention_proximity_chunk
+
+    acts = _random_layer(100, T=150)
+    whole = attention_proximity_chunk(acts, 0, 150, "l1", chunk_bytes=2**30)
+    blocks = attention_proximity_chunk(acts, 0, 150, "l1", chunk_bytes=1)  # blocks of MIN_CHUNK_TARGETS
+    assert 150 > 2 * MIN_CHUNK_TARGETS
+    torch.testing.assert_close(blocks, whole, rtol=0, atol=1e-6)
+
+
 def test_kernel_failure_falls_back_to_the_unfused_path(monkeypatch):
     """A fused kernel that fails (no compiler for the GPU, ...) warns once and leaves the unfused path
     to compute the same result; forced with ROUTESCOPE_KERNEL=triton, its error is raised."""

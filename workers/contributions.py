@@ -264,10 +264,19 @@ def _l1_correction(
             return corr
         except Exception as exc:  # no compiler for this GPU, ...: the same result, unfused
             kernels.fall_back(exc)
-    total = torch.bmm(powers, z).view(G, S, H, C)
-    exceeds = _bound_exceeds_fused if total.is_cuda and _fused_enabled() else _bound_exceeds
-    g, s, h, c = exceeds(total, bounds.log_max_abs[:, :S], log_a, log_y, dg).nonzero(as_tuple=True)
-    del total
+    exceeds = _bound_exceeds_fused if y.is_cuda and _fused_enabled() else _bound_exceeds
+    # The bound tensor and its test take 12 bytes per entry: targets in blocks that fit the budget
+    # (a chunk sized for the kernels is 24x too large for them), of at least MIN_CHUNK_TARGETS.
+    block = max(MIN_CHUNK_TARGETS, chunk_bytes // (12 * G * S * H))
+    found = []
+    for c0 in range(0, C, block):
+        c1 = min(C, c0 + block)
+        total = torch.bmm(powers, z[:, :, c0:c1]).view(G, S, H, c1 - c0)
+        g, s, h, c = exceeds(total, bounds.log_max_abs[:, :S], log_a[:, :, c0:c1], log_y[:, c0:c1], dg).nonzero(
+            as_tuple=True)
+        found.append((g, s, h, c + c0))
+        del total
+    g, s, h, c = (torch.cat(x) for x in zip(*found)) if len(found) > 1 else found[0]
     corr = torch.zeros(H * C * S, device=a.device)
     a_flat = a.reshape(-1)
     rows = bounds.rows.reshape(-1, dg)
