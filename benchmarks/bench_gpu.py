@@ -299,8 +299,10 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     triton_version = kernels.triton.__version__ if kernels.triton is not None else None
-    print(f"device: {dev}; torch {torch.__version__}; triton {triton_version}; steps {args.steps}")
-    results: dict = {"device": dev, "torch": torch.__version__, "triton": triton_version}
+    fused = kernels.available(torch.device(args.device))
+    print(f"device: {dev}; torch {torch.__version__}; triton {triton_version}; fused L1 kernels: {fused}; "
+          f"steps {args.steps}")
+    results: dict = {"device": dev, "torch": torch.__version__, "triton": triton_version, "fused_kernels": fused}
     failed = 0
     for n in (int(s) for s in args.steps.split(",")):
         print(f"\n== step {n}: {STEPS[n].__doc__ or STEPS[n].__name__}")
