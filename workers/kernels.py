@@ -1,7 +1,7 @@
 """Fused GPU kernels for the L1 correction (``contributions._l1_correction``).
 
 Unfused, the candidate search is a batched matmul writing a ``[G, S, H, C]`` bound tensor, a pass
-testing it and a ``nonzero`` over the result: on a GPU these read and write the bound tensor (71
+testing it and a ``nonzero`` over the result: on a GPU these read and write the bound tensor (72
 groups per part for Llama-2-13B) several times and cost more than the forward pass, and
 ``nonzero`` makes the host wait. ``bound_candidates`` does the three in one Triton kernel: each
 program multiplies one tile of the bound's matmul in registers, tests it in the epilogue and
