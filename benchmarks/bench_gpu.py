@@ -176,6 +176,10 @@ def step_13b_one_stage(args, results: dict) -> None:
             results[f"13b_1stage_{args.tokens}_{norm}_{kernel}_error"] = repr(exc)
             continue
         results[f"13b_1stage_{args.tokens}_{norm}{'' if kernel == 'auto' else '_' + kernel}"] = figures
+    recomputed = sum(client.stage.recomputed_batches for client in pipe.clients)
+    print(f"  batches computed again after a candidate list overflowed: {recomputed}; candidate lists sized "
+          f"for {kernels._pass_rate:.3%} of the bounds")
+    results["13b_recomputed_batches"], results["13b_candidate_pass_rate"] = recomputed, kernels._pass_rate
     os.environ["ROUTESCOPE_KERNEL"] = "auto"
     profile(pipe, args)
     pipe.close()

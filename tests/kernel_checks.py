@@ -171,6 +171,7 @@ def no_host_syncs_inside_layers(model_dir: str) -> None:
     chunks.clear()
     got = pipe.trace([prompt])[0].edges
     assert kernels._pass_rate > 1e-3  # the synced searches raised it for the next batches
+    assert sum(client.stage.recomputed_batches for client in pipe.clients) == 1
     kernels._MIN_CAPACITY, kernels._pass_rate = saved
     assert len(chunks) == 2 * n_layers and counter.seen, (len(chunks), counter.seen)  # computed again, synced
     assert set(counter.seen) == {"aten::item in bound_candidates"}

@@ -199,6 +199,7 @@ class Stage:
         self.W_out = self.bridge.W_out.detach()  # [n, d_ff, d]
         self.info = self._model_info(config)
         self.store = ActivationStore(cache_bytes)
+        self.recomputed_batches = 0  # batches computed again, synced, after a candidate list overflowed
         self._lock = threading.Lock()
         # Capture hooks are attached once: run_with_hooks re-resolves the bridge's hook aliases for
         # every hook on every call (~0.35 s per SmolLM2 trace). They do nothing unless a run sets
@@ -343,6 +344,7 @@ class Stage:
                 if dropped is None or int(dropped.item()) == 0:
                     break
                 dropped = None
+                self.recomputed_batches += 1
             payloads = [self._edge_set(columns[b], n, norm, tau_min).encode() for b, n in enumerate(lengths)]
             if keep:
                 for b, n in enumerate(lengths):
