@@ -94,8 +94,6 @@ if triton is not None:
                 index = (g * n_rows + rm[:, None].to(tl.int64)) * n_cols + rn[None, :]
                 tl.store(out + pos, tl.reshape(index, (BM * BN,)), mask=(flat_hit > 0) & (pos < capacity))
 
-
-
     @triton.jit
     def _correction_kernel(
         index, count, capacity, rows, sign_abs, a, corr,
