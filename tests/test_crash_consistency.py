@@ -24,6 +24,7 @@ import pytest
 
 import routescope
 from routescope.cluster import jobs
+from edge_compare import assert_edge_sets_close
 
 EXE = str(Path(sys.executable).with_name("routescope"))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -51,14 +52,6 @@ def reference(tiny):
     return [g.edges for g in pipe.trace(prompts())]
 
 
-def assert_same(a, b) -> None:
-    assert (a.n_tokens, a.n_layers) == (b.n_tokens, b.n_layers)
-    for col in ("res_attn", "ffn", "res_ffn"):
-        assert np.abs(getattr(a, col) - getattr(b, col)).max() <= 1e-6
-    assert np.array_equal(a.head_target, b.head_target) and np.array_equal(a.head_source, b.head_source)
-    assert np.abs(a.head_weight - b.head_weight).max(initial=0) <= 1e-6
-
-
 def check_consistent(results: Path, reference) -> int:
     """What a reader finds after a kill: only complete, correct files. Returns the number done."""
     names = sorted(p.name for p in (results / "prompts").iterdir())
@@ -72,7 +65,8 @@ def check_consistent(results: Path, reference) -> int:
     for i in res.indexes:
         es = res.edges(i)
         assert es.extra["prompt"] == prompts()[i]
-        assert_same(es, reference[i])
+        # the job traces in other batches than the reference: float32 rounding differs (edge_compare)
+        assert_edge_sets_close(es, reference[i])
     return len(res.indexes)
 
 

@@ -20,6 +20,7 @@ ray = pytest.importorskip("ray")
 from routescope.cluster.pipeline import Pipeline  # noqa: E402
 from routescope.cluster.ray_pipeline import ClusterResourceError, StageError, StageTimeoutError, ray_pipeline  # noqa: E402
 from routescope.workers.tiny import build_tiny_model  # noqa: E402
+from edge_compare import FLOAT32_ATOL, assert_edge_sets_close, assert_same_routes  # noqa: E402
 
 CPUS = 0.25  # per stage: up to 8 stages at once on the module's 2 logical CPUs
 SMOL = "smollm2-135m"
@@ -30,8 +31,6 @@ EVICT = "The capital of France"
 TINY_BATCH = ["The capital of France is", "def add(a, b): return a + b", "Water boils", "for i in range(10):",
               "The quick brown fox jumps", "She sold", "Berlin is in Germany.", "A transformer reads tokens"]
 
-HEAD_KEY = ("head_layer", "head_target", "head_source", "head_head")
-EDGE_KEY = ("edge_layer", "edge_target", "edge_source")
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -81,35 +80,10 @@ def gpt2_two_stages(ray_local, tiny_dirs, tiny_local):
 
 
 # ----------------------------------------------------------------------------- comparison
-def _parts(edges, key_cols, weight_col):
-    keys = np.stack([getattr(edges, c).astype(np.int64) for c in key_cols], 1)
-    return {tuple(k): float(w) for k, w in zip(keys.tolist(), getattr(edges, weight_col))}
-
-
-def assert_same_contributions(ga, gb, tol=1e-6):
-    ea, eb = ga.edges, gb.edges
-    assert (ea.n_layers, ea.n_tokens, ea.n_heads) == (eb.n_layers, eb.n_tokens, eb.n_heads)
-    assert (ea.layer_start, ea.layer_stop) == (eb.layer_start, eb.layer_stop) == (0, ea.n_layers)
-    for col in ("res_attn", "ffn", "res_ffn"):
-        a, b = getattr(ea, col), getattr(eb, col)
-        assert a.shape == b.shape and np.abs(a - b).max() <= tol, col
-    for key_cols, wcol in ((HEAD_KEY, "head_weight"), (EDGE_KEY, "edge_weight")):
-        pa, pb = _parts(ea, key_cols, wcol), _parts(eb, key_cols, wcol)
-        assert len(pa) > 0
-        for k in pa.keys() & pb.keys():
-            assert abs(pa[k] - pb[k]) <= tol, (wcol, k, pa[k], pb[k])
-        for k in pa.keys() ^ pb.keys():  # kept on one side only: must sit on the tau_min boundary
-            assert abs(pa.get(k, pb.get(k)) - ea.tau_min) <= tol, (wcol, k)
-
-
-def assert_same_routes(ga, gb):
-    for tau in (0.04, 0.1):
-        ra, rb = ga.route(tau=tau, targets="all"), gb.route(tau=tau, targets="all")
-        key = lambda r: np.lexsort((r.target, r.source, r.layer, r.kind))  # noqa: E731
-        ia, ib = key(ra), key(rb)
-        for col in ("kind", "layer", "source", "target"):
-            assert np.array_equal(getattr(ra, col)[ia], getattr(rb, col)[ib]), col
-        assert np.abs(ra.weight[ia] - rb.weight[ib]).max(initial=0) <= 1e-6
+def assert_same_contributions(ga, gb):
+    """Ray actors and the driver run other thread counts: equal up to float32 rounding."""
+    assert (ga.edges.layer_start, ga.edges.layer_stop) == (0, ga.edges.n_layers)
+    assert_edge_sets_close(ga.edges, gb.edges)
 
 
 _LOCAL: dict = {}
@@ -235,9 +209,9 @@ def test_detail_queries_through_actors(smol_local, smol_ray2):
             a = smol_local.ask(gl.run_id, layer, "vector", what, layer, last, **kw)
             b = smol_ray2.ask(gr.run_id, layer, "vector", what, layer, last, **kw)
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (layer, what)  # 1 vs 2 threads
-        np.testing.assert_allclose(gl.head_contributions(layer, last), gr.head_contributions(layer, last), atol=1e-6)
+        np.testing.assert_allclose(gl.head_contributions(layer, last), gr.head_contributions(layer, last), atol=FLOAT32_ATOL)
         for x, y in zip(gl.attention_maps(layer, 3), gr.attention_maps(layer, 3)):
-            np.testing.assert_allclose(x, y, atol=1e-6)
+            np.testing.assert_allclose(x, y, atol=FLOAT32_ATOL)
         na, nb = gl.neurons(layer, last, k=5), gr.neurons(layer, last, k=5)
         assert [n["neuron"] for n in na] == [n["neuron"] for n in nb]
     # a middle layer's residual projected by the stage holding the final norm and unembedding
@@ -258,10 +232,10 @@ def test_evicted_run_is_recomputed(tiny_local, gpt2_two_stages):
     ga, gb = pipe.trace([EVICT, EVICT])  # two runs; stage 1's cache holds one
     la = local_trace(local, EVICT)
     assert not pipe.clients[1].call("has_run", ga.run_id)  # evicted by the second run
-    np.testing.assert_allclose(ga.head_contributions(3, 2), la.head_contributions(3, 2), atol=1e-6)
+    np.testing.assert_allclose(ga.head_contributions(3, 2), la.head_contributions(3, 2), atol=FLOAT32_ATOL)
     assert pipe.clients[1].call("has_run", ga.run_id)  # recomputed transparently
     assert not pipe.clients[1].call("has_run", gb.run_id)
-    np.testing.assert_allclose(gb.head_contributions(2, 1), la.head_contributions(2, 1), atol=1e-6)
+    np.testing.assert_allclose(gb.head_contributions(2, 1), la.head_contributions(2, 1), atol=FLOAT32_ATOL)
     with pytest.raises(RunEvictedError, match="unknown"):
         pipe.ask("0" * 32, 1, "head_contributions", 1, 0)
 
