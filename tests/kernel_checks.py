@@ -18,12 +18,11 @@ import torch  # noqa: E402
 
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from routescope.workers import contributions, kernels  # noqa: E402
+from routescope.workers import contributions, exact_l1, kernels  # noqa: E402
 
 # The aten operators that make a CUDA host wait for the device.
 SYNCING = {"aten::nonzero", "aten::item", "aten::_local_scalar_dense", "aten::masked_select", "aten::is_nonzero",
            "aten::equal", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive"}
-
 
 
 class Syncs(TorchDispatchMode):
@@ -37,7 +36,7 @@ class Syncs(TorchDispatchMode):
         if func._schema.name in SYNCING:
             frame, caller = sys._getframe(1), None
             while frame is not None and caller is None:  # the engine function that asked
-                if frame.f_code.co_filename.endswith(("contributions.py", "kernels.py")):
+                if frame.f_code.co_filename.endswith(("contributions.py", "exact_l1.py", "kernels.py")):
                     caller = frame.f_code.co_name
                 frame = frame.f_back
             self.seen.append(f"{func._schema.name} in {caller}")
@@ -72,9 +71,9 @@ def random_bounds_match_unfused_test() -> None:
         log_y = torch.randn(G, C, generator=gen) * 0.5 + shift
         with Syncs() as syncs:
             found = kernels.bound_candidates(powers, z, log_u.reshape(G, S * H), log_a.view(S * H, C), log_y,
-                                             contributions._underflow_floor(dg), 1 / contributions.BOUND_POWER)
+                                             exact_l1._underflow_floor(dg), 1 / exact_l1.BOUND_POWER)
         total = torch.bmm(powers.float(), z.float()).view(G, S, H, C)
-        want = contributions._bound_exceeds(total, log_u, log_a, log_y, dg).view(-1).nonzero().squeeze(1)
+        want = exact_l1._bound_exceeds(total, log_u, log_a, log_y, dg).view(-1).nonzero().squeeze(1)
         flat = found.index[: int(found.count)]
         assert torch.equal(flat.sort().values, want), (shift, dtype, len(flat), len(want))
         assert 0 < len(want) < G * S * H * C
@@ -97,7 +96,7 @@ def correction_is_exact_with_kernel() -> None:
             v=torch.randn(T, H, dh, generator=gen), pattern=pattern,
             W_O=torch.randn(H, dh, d_model, generator=gen) * 0.3)
         got = contributions.attention_proximity_chunk(acts, 0, T, "l1").double()
-        u = contributions.head_outputs(acts.v, acts.W_O).double()
+        u = exact_l1.head_outputs(acts.v, acts.W_O).double()
         for t in range(T):
             part = pattern.double()[:, t, : t + 1, None] * u[:, : t + 1]
             want = y.double()[t].abs().sum() - (y.double()[t] - part).abs().sum(-1)

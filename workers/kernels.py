@@ -1,4 +1,4 @@
-"""Fused GPU kernels for the L1 correction (``contributions._l1_correction``).
+"""Fused GPU kernels for the exact L1 correction (``exact_l1.correction``; the method is in that module).
 
 Unfused, the candidate search is a batched matmul writing a ``[G, S, H, C]`` bound tensor, a pass
 testing it and a ``nonzero`` over the result: on a GPU these read and write the bound tensor (72
