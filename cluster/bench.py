@@ -11,12 +11,12 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 import psutil
 import torch
 
+from ..workers import reference
 from .pipeline import Pipeline
 
 _TEXT = ("The history of the city began on the river, where traders met to sell salt, wool and iron; "
@@ -133,17 +133,14 @@ def run(model: str, n_tokens: int, *, stages: int | None = None, layers: str | N
     print(f"edge-set bytes: {payload_bytes[0]} ({100 * payload_bytes[0] / dense:.3f}% of dense fp32 "
           f"contributions, {dense} bytes)", file=out)
     if naive:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        import naive_alti
-
-        bridge = naive_alti.full_bridge(pipe.checkpoint.path)
+        bridge = reference.load_bridge(pipe.checkpoint.path)
         t0 = time.perf_counter()
-        cache = naive_alti.capture(bridge, ids)
+        cache = reference.capture(bridge, ids)
         for l in range(info.n_layers):
-            naive_alti.layer(bridge, cache, l, norm)
+            reference.layer_contributions(bridge, cache, l, norm)
         t_naive = time.perf_counter() - t0
         figures.update(naive_s=t_naive, speedup=t_naive / t_full)
-        print(f"naive dense reference (tests/naive_alti.py): {t_naive:.2f} s -> engine speed-up "
+        print(f"naive dense reference (routescope.workers.reference): {t_naive:.2f} s -> engine speed-up "
               f"x{t_naive / t_full:.1f}", file=out)
     print(f"ratio={t_full / t_fwd:.3f}", file=out)
     return figures

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import naive_alti
 from edge_compare import assert_edge_sets_close
 from routescope.cluster.pipeline import Pipeline
+from routescope.workers import reference
 from routescope.workers.checkpoint import Checkpoint
 from routescope.workers.edgeset import EdgeSet
 
@@ -40,7 +40,7 @@ def engine_edges(pipe: Pipeline, ids: list[int], norm: str) -> EdgeSet:
 @pytest.fixture(scope="module")
 def tiny(tiny_dirs):
     """For every tiny architecture: (in-process pipeline, naive full-model bridge)."""
-    return {arch: (Pipeline.local(Checkpoint(path, arch)), naive_alti.full_bridge(path))
+    return {arch: (Pipeline.local(Checkpoint(path, arch)), reference.load_bridge(path))
             for arch, path in tiny_dirs.items()}
 
 
@@ -58,19 +58,18 @@ def test_engine_matches_naive_dense_reference(tiny, arch, norm, n_tokens):
     pipe, bridge = tiny[arch]
     ids = _token_ids(pipe, n_tokens)
     es = engine_edges(pipe, ids, norm)
-    cache = naive_alti.capture(bridge, ids)
+    cache = reference.capture(bridge, ids)
     for l in range(es.n_layers):
-        c_attn, c_res, c_mlp, c_ffn, c_res_ffn = naive_alti.layer(bridge, cache, l, norm)
+        ref = reference.layer_contributions(bridge, cache, l, norm)
+        c_attn = ref.c_attn
         kept = np.where(c_attn >= es.tau_min, c_attn, 0.0)
         # A part right at tau_min may fall either side in fp32; compare away from the edge.
         edge = np.abs(c_attn - es.tau_min) < 1e-5
         assert np.abs(np.where(edge, 0, dense(es, l) - kept)).max() <= 1e-5
-        assert np.abs(es.res_attn[l] - c_res).max() <= 1e-5
-        if c_mlp is not None:
-            assert es.parallel and np.abs(es.ffn[l] - c_mlp).max() <= 1e-5
-        else:
-            assert np.abs(es.ffn[l] - c_ffn).max() <= 1e-5
-            assert np.abs(es.res_ffn[l] - c_res_ffn).max() <= 1e-5
+        assert np.abs(es.res_attn[l] - ref.c_res_attn).max() <= 1e-5
+        assert es.parallel == ref.parallel and np.abs(es.ffn[l] - ref.c_ffn).max() <= 1e-5
+        if not ref.parallel:
+            assert np.abs(es.res_ffn[l] - ref.c_res_ffn).max() <= 1e-5
         summed = c_attn.sum(-1)
         m = es.edge_layer == l
         got = np.zeros_like(summed)
@@ -85,9 +84,9 @@ def test_attention_parts_reconstruct_block_output(tiny, arch):
     """sum_{s,h} part == attn_out - b_O and sum_s part(s,h) == hook_result[:, h] (SPEC 3)."""
     pipe, bridge = tiny[arch]
     ids = _token_ids(pipe, 17)
-    cache = naive_alti.capture(bridge, ids)
+    cache = reference.capture(bridge, ids)
     for l in range(bridge.cfg.n_layers):
-        total, per_head = naive_alti.parts_sum(bridge, cache, l)
+        total, per_head = reference.attention_parts_sum(bridge, cache, l)
         try:
             b_O = bridge.b_O[l].detach().double()
         except AttributeError:  # bias-free attention (Llama)

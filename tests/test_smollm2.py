@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import naive_alti
+from routescope.workers import reference
 
 PROMPT = "The capital of France is"
 
@@ -36,17 +36,18 @@ def test_route_reaches_embedding_and_grows_as_tau_falls(paris):
 
 
 def test_matches_naive_reference_on_real_weights(smollm2, smollm2_checkpoint, paris):
-    bridge = naive_alti.full_bridge(smollm2_checkpoint.path)
-    cache = naive_alti.capture(bridge, paris.token_ids)
+    bridge = reference.load_bridge(smollm2_checkpoint.path)
+    cache = reference.capture(bridge, paris.token_ids)
     for l in (0, 7, 15, 29):
-        c_attn, c_res, _, c_ffn, _ = naive_alti.layer(bridge, cache, l, "l1")
+        ref = reference.layer_contributions(bridge, cache, l, "l1")
+        c_attn = ref.c_attn
         got = np.zeros_like(c_attn)
         m = paris.edges.head_layer == l
         got[paris.edges.head_target[m], paris.edges.head_source[m], paris.edges.head_head[m]] = paris.edges.head_weight[m]
         assert np.abs(got - np.where(c_attn >= 0.01, c_attn, 0)).max() <= 1e-5
-        assert np.abs(paris.edges.res_attn[l] - c_res).max() <= 1e-5
-        assert np.abs(paris.edges.ffn[l] - c_ffn).max() <= 1e-5
-        total, _ = naive_alti.parts_sum(bridge, cache, l)
+        assert np.abs(paris.edges.res_attn[l] - ref.c_res_attn).max() <= 1e-5
+        assert np.abs(paris.edges.ffn[l] - ref.c_ffn).max() <= 1e-5
+        total, _ = reference.attention_parts_sum(bridge, cache, l)
         attn_out = cache[f"blocks.{l}.hook_attn_out"]  # SmolLM2 has no b_O
         assert (total - attn_out).abs().max() <= 1e-4 * attn_out.abs().max()
 
