@@ -176,7 +176,7 @@ def step_13b_one_stage(args, results: dict) -> None:
             results[f"13b_1stage_{args.tokens}_{norm}_{kernel}_error"] = repr(exc)
             continue
         results[f"13b_1stage_{args.tokens}_{norm}{'' if kernel == 'auto' else '_' + kernel}"] = figures
-    recomputed = sum(client.stage.recomputed_batches for client in pipe.clients)
+    recomputed = sum(client.counters()["recomputed_batches"] for client in pipe.clients)
     print(f"  batches computed again after a candidate list overflowed: {recomputed}; candidate lists sized "
           f"for {kernels._pass_rate:.3%} of the bounds")
     results["13b_recomputed_batches"], results["13b_candidate_pass_rate"] = recomputed, kernels._pass_rate
@@ -228,16 +228,14 @@ def step_70b_slice(args, results: dict) -> None:
     T, d = args.tokens, SHAPES["70b"][0]
     gen = torch.Generator(device=args.device).manual_seed(1)
     x = torch.randn(1, T, d, generator=gen, device=args.device).to(torch.float16)
-    last = f"blocks.{b - a - 1}.hook_resid_post"
 
     def plain() -> None:
-        with torch.inference_mode():
-            stage.bridge.run_with_cache(x, start_at_layer=0, names_filter=[last])
+        stage.plain_forward(x)
 
     payload = [b""]
 
     def full() -> None:
-        payload[0] = stage.forward(x, [T], run_ids=None, keep=False)[1][0]
+        payload[0] = stage.forward(x, [T], run_ids=None, keep=False)[1][0].encode()
 
     t_fwd, mem_fwd = bench.timed(plain, args.repeat, args.device)
     t_full, mem_full = bench.timed(full, args.repeat, args.device)

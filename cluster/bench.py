@@ -69,22 +69,8 @@ def prompt_ids(pipe: Pipeline, n_tokens: int) -> list[int]:
 def plain_forward(pipe: Pipeline, ids: list[int]) -> None:
     """The model's forward pass through the same stage models, capturing only stage outputs."""
     x: torch.Tensor = torch.tensor([ids])
-    with torch.inference_mode():
-        for client in pipe.clients:
-            stage = client.stage
-            last = f"blocks.{stage.stop - stage.start - 1}.hook_resid_post"
-            if stage.last and stage.first:
-                stage.bridge(x.to(stage.device))
-                continue
-            kwargs = {"names_filter": [last]} if not stage.last else {}
-            if stage.first:
-                out = stage.bridge.run_with_cache(x.to(stage.device), prepend_bos=False, **kwargs)
-            elif stage.last:
-                out = (stage.bridge(x, start_at_layer=0), None)
-            else:
-                out = stage.bridge.run_with_cache(x, start_at_layer=0, **kwargs)
-            if not stage.last:
-                x = out[1][last]
+    for client in pipe.clients:
+        x = client.plain_forward(x)
 
 
 def timed(fn: Callable[[], object], repeat: int, device: str) -> tuple[float, int]:

@@ -1,8 +1,10 @@
-"""``FlowGraph``: the information-flow graph of one prompt, as users hold it.
+"""``FlowGraph``: the information-flow graph of one prompt, as data.
 
-It wraps the merged edge set of all stages (every number the routes need) plus, when it came
-from a live pipeline, a handle for detail queries answered by the stages (SPEC section 7).
-A graph loaded from a file answers every route question but no detail question.
+It is the merged edge set of all stages (every number the routes need) with its typed metadata
+(``TraceMeta``: tokens, prompt, model). It is saved, loaded, compared and analysed without a
+model; a graph from a file and a graph just traced are the same data. The live part, detail
+questions answered by the stages that traced it (SPEC section 7), is a separate small handle the
+pipeline attaches: ``graph.live`` (a ``cluster.live.LiveRun``).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 
 from routescope.workers.edgeset import COLUMNS, EdgeSet
+from routescope.workers.schema import TraceMeta, parse_node, predecessor
 
-from .routes import Edges, Mode, parse_node, residual_node, route, threshold
+from .routes import Edges, Mode, route, threshold
 from .storage import atomic_write
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline
+    from .live import LiveRun
 
 
 class DetailsUnavailableError(RuntimeError):
@@ -28,14 +31,30 @@ class DetailsUnavailableError(RuntimeError):
 
 
 class FlowGraph:
-    """Contributions of every layer for one prompt, with routes and readings of nodes."""
+    """Contributions of every layer for one prompt, with its routes; ``live`` for readings."""
 
-    def __init__(self, edges: EdgeSet, backend: "Pipeline | None" = None, run_id: str | None = None):
+    def __init__(self, edges: EdgeSet, live: "LiveRun | None" = None):
         if edges.layer_start != 0 or edges.layer_stop != edges.n_layers:
             raise ValueError("FlowGraph: the edge set must cover all layers")
         self.edges = edges
-        self.backend = backend
-        self.run_id = run_id
+        self._live = live
+
+    @property
+    def live(self) -> "LiveRun":
+        """The detail questions of the traced run; ``DetailsUnavailableError`` for a graph that
+        has no live model (loaded from a file, or its pipeline was closed)."""
+        if self._live is None:
+            raise DetailsUnavailableError("this graph has no live model attached (loaded from a file?); "
+                                          "trace the prompt again to ask detail questions")
+        return self._live
+
+    @property
+    def is_live(self) -> bool:
+        return self._live is not None
+
+    @property
+    def meta(self) -> TraceMeta:
+        return self.edges.trace
 
     # ----------------------------------------------------------------------------- facts
     @property
@@ -56,23 +75,23 @@ class FlowGraph:
 
     @property
     def tokens(self) -> list[str]:
-        return list(self.edges.extra.get("tokens") or [str(i) for i in range(self.n_tokens)])
+        return list(self.meta.tokens or [str(i) for i in range(self.n_tokens)])
 
     @property
     def token_ids(self) -> list[int]:
-        return list(self.edges.extra.get("token_ids") or [])
+        return list(self.meta.token_ids)
 
     @property
     def prompt(self) -> str | None:
-        return self.edges.extra.get("prompt")
+        return self.meta.prompt
 
     @property
     def model(self) -> str:
         return self.edges.model
 
-    @property
-    def model_info(self) -> dict[str, Any]:
-        return dict(self.edges.extra.get("model_info") or {})
+    def predecessor(self, node: str) -> str | None:
+        """The residual node a node was built on (None for the embedding)."""
+        return predecessor(node, self.parallel)
 
     def __repr__(self) -> str:
         return (f"FlowGraph(model={self.model!r}, tokens={self.n_tokens}, layers={self.n_layers}, "
@@ -153,98 +172,3 @@ class FlowGraph:
         if not path.is_file():
             raise FileNotFoundError(f"graph file {path} does not exist")
         return cls(EdgeSet.decode(path.read_bytes()))
-
-    # ----------------------------------------------------------------------------- details (SPEC 7)
-    def _ask(self, layer: int, method: str, *args: Any, **kwargs: Any) -> Any:
-        if self.backend is None or self.run_id is None:
-            raise DetailsUnavailableError("this graph has no live model attached (loaded from a file?)")
-        if not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer {layer} outside [0, {self.n_layers - 1}]")
-        return self.backend.ask(self.run_id, layer, method, *args, **kwargs)
-
-    def _check_pos(self, pos: int) -> int:
-        if not 0 <= int(pos) < self.n_tokens:
-            raise ValueError(f"position {pos} outside [0, {self.n_tokens - 1}]")
-        return int(pos)
-
-    def node_vector(self, node: str):
-        """The residual vector of ``X0_t`` / ``A{l}_t`` / ``I{l}_t``, or ``mlp_out`` for ``M{l}_t``."""
-        kind, layer, pos = parse_node(node)
-        self._check_pos(pos)
-        if kind == "A" and self.parallel:
-            raise ValueError(f"node: {node}: parallel attention+FFN blocks have no A node")
-        what = {"X": "resid_pre", "A": "resid_mid", "I": "resid_post", "M": "mlp_out"}[kind]
-        return self._ask(layer, "vector", what, layer, pos)
-
-    def predecessor(self, node: str) -> str | None:
-        """The residual node a residual node was built on (None for the embedding)."""
-        kind, layer, pos = parse_node(node)
-        if kind == "X":
-            return None
-        if kind == "I" and not self.parallel:
-            return f"A{layer}_{pos}"
-        if kind == "M":
-            return f"A{layer}_{pos}" if not self.parallel else residual_node(layer, pos)
-        return residual_node(layer, pos)
-
-    def top_tokens(self, node: str, k: int = 10, normalize: bool = True) -> list[dict[str, Any]]:
-        """Top-k tokens of a residual node with ranks against its predecessor (SPEC 7)."""
-        import torch
-
-        x = self.node_vector(node)
-        pred = self.predecessor(node)
-        vectors = [x] if pred is None else [x, self.node_vector(pred)]
-        logits = self.backend.project(torch.stack(vectors), normalize)
-        top = torch.topk(logits[0], k)
-        out = []
-        for score, tok in zip(top.values.tolist(), top.indices.tolist()):
-            item = {"token": self._decode(tok), "id": tok, "score": score,
-                    "rank": int((logits[0] > logits[0, tok]).sum())}
-            if pred is not None:
-                item["prev_rank"] = int((logits[1] > logits[1, tok]).sum())
-                item["rank_change"] = item["prev_rank"] - item["rank"]
-            out.append(item)
-        return out
-
-    def promoted(self, what: str, layer: int, pos: int, *, head: int | None = None, source: int | None = None,
-                 neuron: int | None = None, k: int = 10, normalize: bool = False) -> dict[str, list[dict[str, Any]]]:
-        """Tokens a block, head, edge or neuron promotes (largest logits) and suppresses (smallest).
-
-        ``what``: ``attn_out`` | ``mlp_out`` | ``block`` (node minus predecessor of ``I{layer}``)
-        | ``head`` | ``edge`` | ``neuron``.
-        """
-        import torch
-
-        self._check_pos(pos)
-        if what == "block":
-            vec = self._ask(layer, "vector", "resid_post", layer, pos) - self._ask(layer, "vector", "resid_pre", layer, pos)
-        else:
-            vec = self._ask(layer, "vector", what, layer, pos, head=head, source=source, neuron=neuron)
-        logits = self.backend.project(vec[None], normalize)[0]
-        up, down = torch.topk(logits, k), torch.topk(-logits, k)
-        return {
-            "promoted": [{"token": self._decode(i), "id": i, "score": s} for s, i in zip(up.values.tolist(), up.indices.tolist())],
-            "suppressed": [{"token": self._decode(i), "id": i, "score": -s} for s, i in zip(down.values.tolist(), down.indices.tolist())],
-        }
-
-    def head_contributions(self, layer: int, target: int, source: int | None = None) -> np.ndarray:
-        """Exact ``c_attn[target, :, :]`` (``[target+1, H]``), or one edge's heads ``[H]``."""
-        self._check_pos(target)
-        c = self._ask(layer, "head_contributions", layer, target, norm=self.edges.norm)
-        return c if source is None else c[self._check_pos(source)]
-
-    def attention_maps(self, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(pattern[head], c_attn[:, :, head])``, both ``[T, T]``."""
-        return self._ask(layer, "attention_maps", layer, head, norm=self.edges.norm)
-
-    def neurons(self, layer: int, pos: int, k: int = 20) -> list[dict[str, float]]:
-        """Neurons of ``M{layer}_{pos}`` ranked by contribution."""
-        return self._ask(layer, "neurons", layer, self._check_pos(pos), k, norm=self.edges.norm)
-
-    def prediction(self, pos: int | None = None, k: int = 5) -> list[dict[str, Any]]:
-        """The model's top-k next tokens after position ``pos`` (default the last)."""
-        pos = self.n_tokens - 1 if pos is None else self._check_pos(pos)
-        return self.top_tokens(f"I{self.n_layers - 1}_{pos}", k=k, normalize=True)
-
-    def _decode(self, token_id: int) -> str:
-        return self.backend.tokenizer.decode([token_id])

@@ -1,9 +1,11 @@
 """The coordinator: tokenises, drives the residual through the stages, merges their edge sets.
 
-Stages are reached through ``StageClient`` objects with one narrow interface, so the same
-coordinator runs a single in-process stage, several in-process stages, or Ray actors
-(``routescope.workers.actor``). Detail queries (SPEC section 7) go to the stage that owns the
-layer; vocabulary projections go to the last stage; only small answers travel.
+Stages are reached through ``StageClient`` objects (``stage_clients``) with one typed interface,
+so the same coordinator runs a single in-process stage, several in-process stages, or Ray actors.
+Each traced prompt becomes a ``FlowGraph`` (data) with a ``LiveRun`` attached (``graph.live``):
+detail questions go to the stage that owns the layer, vocabulary readings to the last stage, and
+only small answers travel. The record of runs (what is needed to recompute an evicted run) is
+bounded; a run dropped from it is dropped from the stages' activation caches too.
 """
 
 from __future__ import annotations
@@ -12,61 +14,25 @@ import dataclasses
 import threading
 import unicodedata
 import uuid
-from typing import Any, Protocol, Sequence
+from collections import OrderedDict
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from routescope.workers.checkpoint import Checkpoint, resolve
-from routescope.workers.contributions import Norm
 from routescope.workers.edgeset import EdgeSet
-from routescope.workers.stage import ModelInfo, RunEvictedError, Stage, load_config
+from routescope.workers.schema import (DEFAULT_MODEL, DEFAULT_TAU_MIN, NORMS, ModelInfo, Norm, TraceMeta,
+                                       check_choice)
+from routescope.workers.stage import RunEvictedError, Stage, load_config
 
 from .graph import FlowGraph
 from .layout import plan
+from .live import LiveRun
+from .stage_clients import LocalStageClient, StageClient
 
-NORMS = ("l1", "l2")
-DEFAULT_TAU_MIN = 0.01
-
-
-class StageClient(Protocol):
-    """How the coordinator talks to one stage, wherever it runs."""
-
-    start: int
-    stop: int
-
-    def submit_forward(self, inputs: Any, lengths: list[int], run_ids: list[str], norm: str,
-                       tau_min: float) -> tuple[Any, Any]:
-        """Start the stage on ``inputs`` (ids, a residual, or a handle to one); return handles
-        to ``(residual, edge-set payloads)``."""
-
-    def fetch(self, handle: Any) -> Any:
-        """Resolve a handle returned by ``submit_forward``."""
-
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Run a detail query method of the stage synchronously."""
-
-    def close(self) -> None: ...
-
-
-class LocalStageClient:
-    """A ``Stage`` in this process."""
-
-    def __init__(self, stage: Stage):
-        self.stage = stage
-        self.start, self.stop = stage.start, stage.stop
-
-    def submit_forward(self, inputs, lengths, run_ids, norm, tau_min):
-        return self.stage.forward(inputs, lengths, run_ids=run_ids, norm=norm, tau_min=tau_min)
-
-    def fetch(self, handle):
-        return handle
-
-    def call(self, method, *args, **kwargs):
-        return getattr(self.stage, method)(*args, **kwargs)
-
-    def close(self) -> None:
-        pass
+T = TypeVar("T")
+MAX_RUNS = 4096  # runs the coordinator can recompute; older ones are forgotten here and on the stages
 
 
 def validate_prompt(prompt: Any, index: int | None = None) -> str:
@@ -99,7 +65,7 @@ class Pipeline:
     """A model split into stages, ready to trace prompts and answer detail queries."""
 
     def __init__(self, checkpoint: Checkpoint, clients: Sequence[StageClient], info: ModelInfo, tokenizer,
-                 *, max_tokens: int | None = None, batch_size: int = 8):
+                 *, max_tokens: int | None = None, batch_size: int = 8, max_runs: int = MAX_RUNS):
         self.checkpoint = checkpoint
         self.clients = list(clients)
         # A stage's own ModelInfo counts only its parameters; the model's are in the checkpoint.
@@ -107,25 +73,36 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.max_tokens = min(info.n_ctx, max_tokens) if max_tokens else info.n_ctx
         self.batch_size = batch_size
-        self._lock = threading.RLock()
-        self._runs: dict[str, dict[str, Any]] = {}
+        # One lock per pipeline: traces and detail questions of every caller (API, viewer
+        # sessions, jobs) take it, so one model instance is shared safely.
+        self.lock = threading.RLock()
+        self.max_runs = max_runs
+        self._runs: OrderedDict[str, tuple[list[int], str, float]] = OrderedDict()
 
     # ----------------------------------------------------------------------------- building
     @classmethod
-    def local(cls, model: str | Checkpoint = "smollm2-135m", *, stages: int | None = None,
+    def local(cls, model: str | Checkpoint = DEFAULT_MODEL, *, stages: int | None = None,
               layers: str | None = None, device: str = "cpu", dtype: str | None = None,
-              max_tokens: int | None = None, cache_bytes: int = 2 * 2**30) -> "Pipeline":
-        """All stages in this process (one stage unless ``stages``/``layers`` say otherwise)."""
+              max_tokens: int | None = None, cache_bytes: int = 2 * 2**30,
+              chunk_bytes: int | None = None) -> "Pipeline":
+        """All stages in this process (one stage unless ``stages``/``layers`` say otherwise).
+        ``chunk_bytes``: the contribution chunks' working memory (default: sized to the device)."""
         checkpoint = model if isinstance(model, Checkpoint) else resolve(model)
         n_layers = int(load_config(checkpoint).num_hidden_layers)
         ranges = plan(checkpoint, n_layers, stages=stages, layers=layers)
-        built = [Stage(checkpoint, a, b, device=device, dtype=dtype, cache_bytes=cache_bytes) for a, b in ranges]
+        built = [Stage(checkpoint, a, b, device=device, dtype=dtype, cache_bytes=cache_bytes, chunk_bytes=chunk_bytes)
+                 for a, b in ranges]
         return cls(checkpoint, [LocalStageClient(s) for s in built], built[-1].info, built[-1].tokenizer,
                    max_tokens=max_tokens)
 
     @property
     def layout(self) -> list[tuple[int, int]]:
         return [(c.start, c.stop) for c in self.clients]
+
+    @property
+    def last(self) -> StageClient:
+        """The stage holding the final norm and unembedding."""
+        return self.clients[-1]
 
     def close(self) -> None:
         for c in self.clients:
@@ -157,8 +134,7 @@ class Pipeline:
         items = [prompts] if single else list(prompts)
         if not items:
             raise ValueError("prompts: empty list")
-        if norm not in NORMS:
-            raise ValueError(f"norm: {norm!r} is not one of {', '.join(NORMS)}")
+        check_choice("norm", norm, NORMS)
         if not isinstance(tau_min, (int, float)) or not np.isfinite(tau_min) or not 0 < tau_min < 1:
             raise ValueError(f"tau_min: {tau_min} must be a number in (0, 1)")
         token_ids = [self.tokenize(validate_prompt(p, None if single else i), prepend_bos) for i, p in enumerate(items)]
@@ -169,7 +145,7 @@ class Pipeline:
                   prompts: list[str] | None = None) -> list[FlowGraph]:
         """Trace tokenised prompts; batches are submitted to all stages before any result is
         awaited, so with Ray actors several batches are in flight at once."""
-        with self._lock:
+        with self.lock:
             run_ids = [uuid.uuid4().hex for _ in token_ids]
             pending = []
             for b0 in range(0, len(token_ids), self.batch_size):
@@ -180,16 +156,31 @@ class Pipeline:
                 per_stage = [client.fetch(h) for client, h in zip(self.clients, handles)]
                 for j in range(len(per_stage[0])):
                     i = b0 + j
-                    merged = EdgeSet.concatenate([EdgeSet.decode(stage[j]) for stage in per_stage])
-                    ids = token_ids[i]
-                    self._runs[run_ids[i]] = {"ids": ids, "norm": norm, "tau_min": tau_min}
-                    tokens = self.tokenizer.convert_ids_to_tokens(ids)
-                    texts = [self.tokenizer.decode([t]) for t in ids]
-                    merged.extra.update({"token_ids": ids, "tokens": texts, "raw_tokens": tokens,
-                                         "prompt": None if prompts is None else prompts[i],
-                                         "model_info": self.info.to_dict()})
-                    graphs.append(FlowGraph(merged, backend=self, run_id=run_ids[i]))
+                    merged = EdgeSet.concatenate([stage[j] for stage in per_stage])
+                    ids = list(token_ids[i])
+                    merged.trace = TraceMeta(
+                        prompt=None if prompts is None else prompts[i], token_ids=ids,
+                        tokens=[self.tokenizer.decode([t]) for t in ids],
+                        raw_tokens=list(self.tokenizer.convert_ids_to_tokens(ids)), model_info=self.info)
+                    self._remember(run_ids[i], ids, norm, tau_min)
+                    live = LiveRun(self, run_ids[i], n_tokens=merged.n_tokens, n_layers=merged.n_layers,
+                                   n_heads=merged.n_heads, parallel=merged.parallel, norm=norm)
+                    graphs.append(FlowGraph(merged, live=live))
+            self._forget_old()
             return graphs
+
+    def _remember(self, run_id: str, ids: list[int], norm: str, tau_min: float) -> None:
+        self._runs[run_id] = (ids, norm, tau_min)
+        self._runs.move_to_end(run_id)
+
+    def _forget_old(self) -> None:
+        """Drop the oldest runs beyond ``max_runs``, here and from the stages' caches."""
+        old = []
+        while len(self._runs) > self.max_runs:
+            old.append(self._runs.popitem(last=False)[0])
+        if old:
+            for client in self.clients:
+                client.drop_runs(old)
 
     def _submit(self, batch_ids: list[list[int]], run_ids: list[str], norm: str, tau_min: float) -> list[Any]:
         """Left-pad a batch and chain it through the stages; return each stage's payload handle."""
@@ -206,34 +197,33 @@ class Pipeline:
 
     # ----------------------------------------------------------------------------- details
     def owner(self, layer: int) -> StageClient:
+        """The stage holding ``layer``."""
         for c in self.clients:
             if c.start <= layer < c.stop:
                 return c
         raise ValueError(f"layer {layer} outside [0, {self.info.n_layers - 1}]")
 
-    def ask(self, run_id: str, layer: int, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call a detail method on the stage owning ``layer``; recompute the run if evicted."""
-        client = self.owner(layer)
-        try:
-            return client.call(method, run_id, *args, **kwargs)
-        except Exception as exc:
-            if not _is_evicted(exc):
-                raise
-        self._recompute(run_id)
-        return client.call(method, run_id, *args, **kwargs)
+    def ask(self, run_id: str, question: Callable[[], T]) -> T:
+        """Answer ``question`` (typed stage calls about ``run_id``) under the pipeline's lock; if a
+        stage has evicted the run, recompute it once and ask again."""
+        with self.lock:
+            try:
+                return question()
+            except Exception as exc:
+                if not _is_evicted(exc):
+                    raise
+            self._recompute(run_id)
+            return question()
 
     def _recompute(self, run_id: str) -> None:
         run = self._runs.get(run_id)
         if run is None:
             raise RunEvictedError(f"run {run_id} is unknown to this pipeline; trace the prompt again")
-        with self._lock:
-            handles = self._submit([run["ids"]], [run_id], run["norm"], run["tau_min"])
-            for client, h in zip(self.clients, handles):
-                client.fetch(h)
-
-    def project(self, vectors: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Vocabulary logits of ``[n, d]`` vectors, computed by the last stage."""
-        return self.clients[-1].call("project", vectors, normalize)
+        ids, norm, tau_min = run
+        self._runs.move_to_end(run_id)
+        handles = self._submit([ids], [run_id], norm, tau_min)
+        for client, h in zip(self.clients, handles):
+            client.fetch(h)
 
 
 def _is_evicted(exc: BaseException) -> bool:

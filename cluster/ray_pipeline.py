@@ -27,12 +27,14 @@ from typing import Any
 
 import ray
 
-from routescope.workers.actor import RayStageClient, StageError, StageTimeoutError, stage_actor_class
+from routescope.workers.actor import stage_actor_class
 from routescope.workers.checkpoint import Checkpoint, resolve
-from routescope.workers.stage import _load_tokenizer, load_config
+from routescope.workers.schema import DEFAULT_MODEL
+from routescope.workers.stage import load_config, load_tokenizer
 
 from .layout import plan
 from .pipeline import Pipeline
+from .stage_clients import RayStageClient, StageError, StageTimeoutError
 
 __all__ = ["ray_pipeline", "RayPipeline", "ClusterResourceError", "StageError", "StageTimeoutError"]
 
@@ -144,7 +146,7 @@ def _free() -> str:
     return ", ".join(f"{free.get(r, 0):g} {r}" for r in ("CPU", "GPU"))
 
 
-def ray_pipeline(model: str | Checkpoint = "smollm2-135m", *, stages: int | None = None, layers: str | None = None,
+def ray_pipeline(model: str | Checkpoint = DEFAULT_MODEL, *, stages: int | None = None, layers: str | None = None,
                  address: str | None = None, gpus_per_stage: float = 0, cpus_per_stage: float = 1,
                  dtype: str | None = None, max_tokens: int | None = None, cache_bytes: int = 2 * 2**30,
                  retries: int = 1, max_restarts: int = -1, timeout_s: float | None = 300.0,
@@ -213,7 +215,7 @@ def ray_pipeline(model: str | Checkpoint = "smollm2-135m", *, stages: int | None
             from ray.experimental.collective import create_collective_group
 
             create_collective_group([c.actor for c in clients], backend="torch_gloo" if transport == "gloo" else "nccl")
-        pipe = RayPipeline(checkpoint, clients, infos[-1]["info"], _load_tokenizer(checkpoint),
+        pipe = RayPipeline(checkpoint, clients, infos[-1]["info"], load_tokenizer(checkpoint),
                            max_tokens=max_tokens, batch_size=batch_size, placement_group=pg, owns_ray=owns_ray)
         pipe.stage_info = infos
         pipe.transport = transport if direct else "object_store"

@@ -95,7 +95,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     tokens = graph.tokens
     print(f"model: {graph.model} ({graph.n_layers} layers, {graph.n_heads} heads)")
     print("tokens: " + " ".join(f"{i}:{t!r}" for i, t in enumerate(tokens)))
-    pred = graph.prediction(k=args.top)
+    pred = graph.live.prediction(k=args.top)
     print("prediction after the last token: " + ", ".join(f"{p['token']!r} ({p['score']:.2f})" for p in pred))
     label = "last position" if targets is None else f"positions {args.target}"
     print(f"route of {label} at tau={args.tau} ({args.mode}): {len(edges)} edges")

@@ -20,6 +20,7 @@ ray = pytest.importorskip("ray")
 from routescope.cluster.pipeline import Pipeline  # noqa: E402
 from routescope.cluster.ray_pipeline import ClusterResourceError, StageError, StageTimeoutError, ray_pipeline  # noqa: E402
 from routescope.workers.tiny import build_tiny_model  # noqa: E402
+from routescope.workers.details import Component  # noqa: E402
 from edge_compare import FLOAT32_ATOL, assert_edge_sets_close, assert_same_routes  # noqa: E402
 
 CPUS = 0.25  # per stage: up to 8 stages at once on the module's 2 logical CPUs
@@ -69,10 +70,10 @@ def tiny_local(tiny_dirs):
 @pytest.fixture(scope="module")
 def gpt2_two_stages(ray_local, tiny_dirs, tiny_local):
     """Layers 0-0 and 1-3; stage 1's activation cache holds one run of ``EVICT``, not two."""
-    store = tiny_local["gpt2"].clients[0].stage.store
-    before = store.n_bytes
+    client = tiny_local["gpt2"].clients[0]
+    before = client.counters()["cached_bytes"]
     local_trace(tiny_local["gpt2"], EVICT)
-    one_run = store.n_bytes - before  # all 4 layers; stage 1 keeps 3 of them (+ its input)
+    one_run = client.counters()["cached_bytes"] - before  # all 4 layers; stage 1 keeps 3 of them (+ its input)
     pipe = ray_pipeline(tiny_dirs["gpt2"], layers="0-0,1-3", cpus_per_stage=CPUS, timeout_s=60,
                         cache_bytes=int(1.2 * one_run))
     yield pipe
@@ -124,7 +125,7 @@ def test_smollm2_ray_stages_match_in_process(ray_local, smol_local, smol_ray2, n
     try:
         assert len(pipe.layout) == n_stages and pipe.layout[0][0] == 0 and pipe.layout[-1][1] == 30
         g = assert_same_traces(smol_local, pipe, FRANCE, SMOL_BATCH)
-        assert g.prediction()[0]["token"] == " Paris"
+        assert g.live.prediction()[0]["token"] == " Paris"
     finally:
         if pipe is not smol_ray2:
             pipe.close()
@@ -179,7 +180,7 @@ def test_stage_parameter_bytes_match_layer_share(ray_local, tmp_path):
     try:
         blocks = sum(per_layer)
         held = [info["parameter_bytes"] for info in pipe.stage_info]
-        assert held == [c.call("parameter_bytes") for c in pipe.clients]
+        assert held == [c.parameter_bytes() for c in pipe.clients]
         assert pipe.layout == [(0, 2), (2, 4), (4, 6), (6, 8)]
         for i, ((a, b), n) in enumerate(zip(pipe.layout, held)):
             own = sum(per_layer[a:b])
@@ -204,25 +205,27 @@ def test_detail_queries_through_actors(smol_local, smol_ray2):
     gl, gr = local_trace(smol_local, FRANCE), smol_ray2.trace(FRANCE)
     last = gl.n_tokens - 1
     for layer in (3, 20):  # one per stage
-        for what, kw in (("resid_post", {}), ("attn_out", {}), ("head", {"head": 2}),
-                         ("edge", {"head": 1, "source": 2}), ("neuron", {"neuron": 7})):
-            a = smol_local.ask(gl.run_id, layer, "vector", what, layer, last, **kw)
-            b = smol_ray2.ask(gr.run_id, layer, "vector", what, layer, last, **kw)
+        a, b = gl.live.node_vector(f"I{layer}_{last}"), gr.live.node_vector(f"I{layer}_{last}")
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), layer  # 1 vs 2 threads
+        for what, kw in (("attn_out", {}), ("head", {"head": 2}), ("edge", {"head": 1, "source": 2}),
+                         ("neuron", {"neuron": 7})):
+            a = gl.live.component_vector(Component(what, layer, last, **kw))
+            b = gr.live.component_vector(Component(what, layer, last, **kw))
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (layer, what)  # 1 vs 2 threads
-        np.testing.assert_allclose(gl.head_contributions(layer, last), gr.head_contributions(layer, last), atol=FLOAT32_ATOL)
-        for x, y in zip(gl.attention_maps(layer, 3), gr.attention_maps(layer, 3)):
+        np.testing.assert_allclose(gl.live.head_contributions(layer, last), gr.live.head_contributions(layer, last), atol=FLOAT32_ATOL)
+        for x, y in zip(gl.live.attention_maps(layer, 3), gr.live.attention_maps(layer, 3)):
             np.testing.assert_allclose(x, y, atol=FLOAT32_ATOL)
-        na, nb = gl.neurons(layer, last, k=5), gr.neurons(layer, last, k=5)
+        na, nb = gl.live.neurons(layer, last, k=5), gr.live.neurons(layer, last, k=5)
         assert [n["neuron"] for n in na] == [n["neuron"] for n in nb]
     # a middle layer's residual projected by the stage holding the final norm and unembedding
-    ta, tb = gl.top_tokens(f"I10_{last}", k=5), gr.top_tokens(f"I10_{last}", k=5)
+    ta, tb = gl.live.top_tokens(f"I10_{last}", k=5), gr.live.top_tokens(f"I10_{last}", k=5)
     assert [t["id"] for t in ta] == [t["id"] for t in tb]
     assert [t["rank_change"] for t in ta] == [t["rank_change"] for t in tb]
-    assert gr.prediction()[0]["token"] == " Paris"
+    assert gr.live.prediction()[0]["token"] == " Paris"
     with pytest.raises(ValueError, match="position"):
-        gr.head_contributions(20, 99)
+        gr.live.head_contributions(20, 99)
     with pytest.raises(ValueError, match="not one of"):
-        smol_ray2.clients[0].call("forward", None)  # only detail methods are reachable
+        smol_ray2.clients[0]._detail("forward", None)  # only detail methods are reachable
 
 
 def test_evicted_run_is_recomputed(tiny_local, gpt2_two_stages):
@@ -231,13 +234,13 @@ def test_evicted_run_is_recomputed(tiny_local, gpt2_two_stages):
     local, pipe = tiny_local["gpt2"], gpt2_two_stages
     ga, gb = pipe.trace([EVICT, EVICT])  # two runs; stage 1's cache holds one
     la = local_trace(local, EVICT)
-    assert not pipe.clients[1].call("has_run", ga.run_id)  # evicted by the second run
-    np.testing.assert_allclose(ga.head_contributions(3, 2), la.head_contributions(3, 2), atol=FLOAT32_ATOL)
-    assert pipe.clients[1].call("has_run", ga.run_id)  # recomputed transparently
-    assert not pipe.clients[1].call("has_run", gb.run_id)
-    np.testing.assert_allclose(gb.head_contributions(2, 1), la.head_contributions(2, 1), atol=FLOAT32_ATOL)
+    assert not pipe.clients[1].has_run(ga.live.run_id)  # evicted by the second run
+    np.testing.assert_allclose(ga.live.head_contributions(3, 2), la.live.head_contributions(3, 2), atol=FLOAT32_ATOL)
+    assert pipe.clients[1].has_run(ga.live.run_id)  # recomputed transparently
+    assert not pipe.clients[1].has_run(gb.live.run_id)
+    np.testing.assert_allclose(gb.live.head_contributions(2, 1), la.live.head_contributions(2, 1), atol=FLOAT32_ATOL)
     with pytest.raises(RunEvictedError, match="unknown"):
-        pipe.ask("0" * 32, 1, "head_contributions", 1, 0)
+        pipe.ask("0" * 32, lambda: pipe.owner(1).head_contributions("0" * 32, 1, 0, "l1"))
 
 
 # ----------------------------------------------------------------------------- faults, resources
@@ -287,7 +290,7 @@ def test_stage_killed_mid_run_is_restarted_and_retried(smol_local, smol_ray2, mo
     for a, b in zip(local_trace(smol_local, SMOL_BATCH, 2), box["graphs"]):
         assert_same_contributions(a, b)
     g = box["graphs"][0]
-    assert g.prediction()[0]["token"] == " Paris"  # asks the restarted last stage
+    assert g.live.prediction()[0]["token"] == " Paris"  # asks the restarted last stage
 
 
 def test_stage_killed_without_retries_gives_clear_error(smol_local, smol_ray2, monkeypatch):
@@ -304,7 +307,7 @@ def test_stage_killed_without_retries_gives_clear_error(smol_local, smol_ray2, m
     g = smol_ray2.trace(FRANCE)
     assert smol_ray2.clients[1].pid() != pid
     assert_same_contributions(local_trace(smol_local, FRANCE), g)
-    assert g.prediction()[0]["token"] == " Paris"
+    assert g.live.prediction()[0]["token"] == " Paris"
 
 
 def test_timeout_is_reported_and_pipeline_stays_usable(gpt2_two_stages):
@@ -325,3 +328,31 @@ def test_missing_gpus_fail_fast(ray_local, tiny_dirs):
     with pytest.raises(ClusterResourceError, match=r"CPU.*missing"):
         ray_pipeline(tiny_dirs["gpt2"], stages=3, cpus_per_stage=4)
     assert time.perf_counter() - t0 < 10
+
+
+def test_clients_expose_the_same_typed_detail_methods_and_refuse_others(tiny_local, gpt2_two_stages):
+    """In-process and Ray clients offer exactly the typed ``StageDetails`` questions (plus the
+    forward pass), and both refuse any other name, whatever the caller sends."""
+    import inspect
+
+    from routescope.cluster.stage_clients import LocalStageClient, RayStageClient, StageClient
+    from routescope.workers.details import DETAIL_METHODS, StageDetails
+
+    def public(cls):
+        return {n for n, v in inspect.getmembers(cls, inspect.isfunction) if not n.startswith("_")}
+
+    forward = {"submit_forward", "fetch", "close"}
+    assert DETAIL_METHODS == public(StageDetails) and len(DETAIL_METHODS) >= 10
+    assert public(LocalStageClient) == DETAIL_METHODS | forward
+    assert public(RayStageClient) - {"ready", "pid"} == DETAIL_METHODS | forward
+    assert {n for n in vars(StageClient) if not n.startswith("_")} - {"start", "stop"} == DETAIL_METHODS | forward
+    for name in DETAIL_METHODS:  # same signatures on both sides
+        assert inspect.signature(getattr(LocalStageClient, name)) == inspect.signature(getattr(RayStageClient, name))
+    local, remote = tiny_local["gpt2"].clients[0], gpt2_two_stages.clients[0]
+    for client in (local, remote):
+        for bad in ("forward", "__init__", "_acts", "store", "bridge", "load_state_dict"):
+            with pytest.raises(ValueError, match=f"stage method '{bad}' is not one of"):
+                client._detail(bad)
+    with pytest.raises(ValueError, match="is not one of"):  # the actor checks on its own side too
+        ray.get(remote.actor.detail.remote("forward", None, [1], None, "l1", 0.01))
+    assert local.parameter_bytes() > 0 and remote.parameter_bytes() > 0

@@ -17,7 +17,7 @@ def paris(smollm2):
 
 def test_predicts_paris(paris):
     assert paris.tokens[0] == "<|im_start|>"  # BOS prepended by default
-    assert paris.prediction()[0]["token"] == " Paris"
+    assert paris.live.prediction()[0]["token"] == " Paris"
 
 
 def test_route_reaches_embedding_and_grows_as_tau_falls(paris):
@@ -54,41 +54,44 @@ def test_matches_naive_reference_on_real_weights(smollm2, smollm2_checkpoint, pa
 
 def test_detail_readings(paris, smollm2):
     last = paris.n_tokens - 1
-    top = paris.top_tokens(f"I29_{last}", k=5)
+    top = paris.live.top_tokens(f"I29_{last}", k=5)
     assert top[0]["token"] == " Paris" and top[0]["rank"] == 0 and "rank_change" in top[0]
-    raw = paris.top_tokens(f"I29_{last}", k=5, normalize=False)
+    raw = paris.live.top_tokens(f"I29_{last}", k=5, normalize=False)
     assert [t["id"] for t in raw] != [] and raw[0]["score"] != top[0]["score"]
     assert paris.predecessor(f"A3_{last}") == f"I2_{last}"
     assert paris.predecessor(f"I3_{last}") == f"A3_{last}"
-    heads = paris.head_contributions(10, last)
+    heads = paris.live.head_contributions(10, last)
     assert heads.shape == (last + 1, 9)
     stored = paris.head_parts(10, last)
     for part in stored:
         assert abs(heads[part["source"], part["head"]] - part["weight"]) < 1e-6
-    pattern, cmap = paris.attention_maps(10, 3)
+    pattern, cmap = paris.live.attention_maps(10, 3)
     assert pattern.shape == cmap.shape == (paris.n_tokens, paris.n_tokens)
     assert np.allclose(pattern.sum(1), 1, atol=1e-5) and np.allclose(np.triu(cmap, 1), 0)
-    neurons = paris.neurons(20, last, k=10)
+    neurons = paris.live.neurons(20, last, k=10)
     assert len(neurons) == 10 and neurons[0]["contribution"] >= neurons[-1]["contribution"]
-    promo = paris.promoted("mlp_out", 20, last, k=5)
+    promo = paris.live.promoted("mlp_out", 20, last, k=5)
     assert len(promo["promoted"]) == 5 and promo["promoted"][0]["score"] > promo["suppressed"][0]["score"]
     # One head's output at a position is the sum of its edge vectors over sources.
     import torch
 
-    head = smollm2.ask(paris.run_id, 10, "vector", "head", 10, last, head=2)
-    edges = sum(smollm2.ask(paris.run_id, 10, "vector", "edge", 10, last, head=2, source=s) for s in range(last + 1))
+    from routescope.workers.details import Component
+
+    head = paris.live.component_vector(Component("head", 10, last, head=2))
+    edges = sum(paris.live.component_vector(Component("edge", 10, last, head=2, source=s)) for s in range(last + 1))
     assert torch.allclose(head, edges, atol=1e-4)
     n = neurons[0]["neuron"]
-    vec = smollm2.ask(paris.run_id, 20, "vector", "neuron", 20, last, neuron=n)
+    vec = paris.live.component_vector(Component("neuron", 20, last, neuron=n))
     assert vec.shape == (576,)
 
 
 def test_evicted_run_is_recomputed_transparently(smollm2):
     g = smollm2.trace("Water boils at")
-    expected = g.top_tokens(f"A5_{g.n_tokens - 1}", k=3)
+    expected = g.live.top_tokens(f"A5_{g.n_tokens - 1}", k=3)
     for client in smollm2.clients:
-        client.stage.store._runs.clear()
-    assert g.top_tokens(f"A5_{g.n_tokens - 1}", k=3) == expected
+        client.drop_runs([g.live.run_id])  # as an eviction from the stage's cache would
+        assert not client.has_run(g.live.run_id)
+    assert g.live.top_tokens(f"A5_{g.n_tokens - 1}", k=3) == expected
 
 
 def test_export_json_networkx_and_msgpack(paris, tmp_path):
@@ -106,4 +109,4 @@ def test_export_json_networkx_and_msgpack(paris, tmp_path):
     assert back.tokens == paris.tokens
     assert back.route(0.04).records() == paris.route(0.04).records()
     with pytest.raises(DetailsUnavailableError):
-        back.top_tokens("I29_5")
+        back.live.top_tokens("I29_5")

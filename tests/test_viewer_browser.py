@@ -110,12 +110,12 @@ def test_graph_panels_and_threshold(served, browser, graph):
     click_data(page, *node_xy(node))
     wait_detail(page, "residual", node)
     top = rows(page, ".rs-top-tokens")
-    want = graph.top_tokens(node, k=10, normalize=True)
+    want = graph.live.top_tokens(node, k=10, normalize=True)
     assert [r["token"] for r in top] == [w["token"] for w in want]
     assert all(abs(float(r["score"]) - w["score"]) < TOL for r, w in zip(top, want))
     assert [int(r["rankChange"]) for r in top] == [w["rank_change"] for w in want]
     prom = rows(page, ".rs-block-promoted-promoted")
-    want_p = graph.promoted("mlp_out", L - 1, last, k=10, normalize=True)
+    want_p = graph.live.promoted("mlp_out", L - 1, last, k=10, normalize=True)
     assert "promoted" in detail(page)["text"]
     assert [r["token"] for r in prom] == [w["token"] for w in want_p["promoted"]]
     assert all(abs(float(r["score"]) - w["score"]) < TOL for r, w in zip(prom, want_p["promoted"]))
@@ -132,7 +132,7 @@ def test_graph_panels_and_threshold(served, browser, graph):
 
     _, layer, tgt = parse_node(dst)
     _, _, source = parse_node(src)
-    heads = graph.head_contributions(layer, tgt, source)
+    heads = graph.live.head_contributions(layer, tgt, source)
     got = rows(page, ".rs-heads")
     assert int(got[0]["head"]) == -1 and abs(float(got[0]["value"]) - heads.sum()) < TOL  # "all heads"
     order = [int(r["head"]) for r in got[1:]]
@@ -140,7 +140,7 @@ def test_graph_panels_and_threshold(served, browser, graph):
     assert all(abs(float(r["value"]) - heads[int(r["head"])]) < TOL for r in got[1:])
     assert list(heads[order]) == sorted(heads, reverse=True)
     edge_p = rows(page, ".rs-edge-promoted-promoted")
-    want_e = graph.promoted("edge", layer, tgt, source=source, k=10, normalize=True)  # all heads
+    want_e = graph.live.promoted("edge", layer, tgt, source=source, k=10, normalize=True)  # all heads
     assert [r["token"] for r in edge_p] == [w["token"] for w in want_e["promoted"]]
 
     # an FFN block
@@ -149,14 +149,14 @@ def test_graph_panels_and_threshold(served, browser, graph):
     click_data(page, *node_xy(mnode))
     wait_detail(page, "ffn", mnode)
     neurons = rows(page, ".rs-neurons")
-    want_n = graph.neurons(ml, mpos, 20)
+    want_n = graph.live.neurons(ml, mpos, 20)
     assert [int(r["neuron"]) for r in neurons] == [n["neuron"] for n in want_n]
     assert all(abs(float(r["contribution"]) - n["contribution"]) < 1e-4 for r, n in zip(neurons, want_n))
     top_neuron = want_n[0]["neuron"]
     page.wait_for_function("(n) => { " + DEEP + " const d = deepAll('.rs-neuron-detail')[0];"
                            " return d && d.dataset.neuron == String(n); }", arg=top_neuron, timeout=30_000)
     npro = rows(page, ".rs-neuron-promoted-promoted")
-    want_np = graph.promoted("neuron", ml, mpos, neuron=top_neuron, k=10, normalize=True)
+    want_np = graph.live.promoted("neuron", ml, mpos, neuron=top_neuron, k=10, normalize=True)
     assert [r["token"] for r in npro] == [w["token"] for w in want_np["promoted"]]
 
     # threshold: one step right re-thresholds without rerunning the model

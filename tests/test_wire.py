@@ -7,6 +7,10 @@ import numpy as np
 import pytest
 
 from routescope.workers.edgeset import EdgeSet, EdgeSetError
+from routescope.workers.schema import JobMeta, ModelInfo, TraceMeta
+
+INFO = ModelInfo(name="m", architecture="LlamaForCausalLM", n_layers=6, n_heads=4, n_kv_heads=2, d_model=8,
+                 d_head=2, d_ff=16, d_vocab=50, n_ctx=64, parallel=False, n_params=1234)
 
 
 def make_edge_set(n_tokens: int = 6, layers: tuple[int, int] = (2, 4), seed: int = 0) -> EdgeSet:
@@ -22,7 +26,9 @@ def make_edge_set(n_tokens: int = 6, layers: tuple[int, int] = (2, 4), seed: int
         head_head=rng.integers(0, 4, n), head_weight=rng.random(n).astype(np.float32),
         edge_layer=rng.integers(*layers, 7), edge_target=np.full(7, n_tokens - 1), edge_source=np.arange(7) % n_tokens,
         edge_weight=rng.random(7).astype(np.float32), res_attn=rng.random((nl, n_tokens)),
-        ffn=rng.random((nl, n_tokens)), res_ffn=rng.random((nl, n_tokens)), extra={"tokens": ["a"] * n_tokens},
+        ffn=rng.random((nl, n_tokens)), res_ffn=rng.random((nl, n_tokens)),
+        trace=TraceMeta(prompt="a b", token_ids=list(range(n_tokens)), tokens=["a"] * n_tokens, model_info=INFO,
+                        job=JobMeta(index=3, line=4, positions="last", job_id="j")),
     ).validate()
 
 
@@ -32,7 +38,17 @@ def test_round_trip_is_lossless():
     for name in ("head_layer", "head_target", "head_source", "head_head", "head_weight", "edge_weight", "res_attn"):
         a, b = getattr(es, name), getattr(back, name)
         assert a.dtype == b.dtype and np.array_equal(a, b)
-    assert back.extra == es.extra and back.layer_start == 2
+    assert back.trace == es.trace and back.layer_start == 2
+    assert back.trace.model_info == INFO and back.trace.job.index == 3
+
+
+def test_version_1_files_are_still_read():
+    """Version 1 carried the same metadata as an untyped ``extra`` map."""
+    doc = msgpack.unpackb(make_edge_set().encode(), raw=False)
+    trace = doc.pop("trace")
+    doc.update(version=1, extra={**trace, "unknown_v1_key": 1})
+    back = EdgeSet.decode(msgpack.packb(doc, use_bin_type=True))
+    assert back.trace == make_edge_set().trace
 
 
 def test_columns_travel_as_raw_bytes():
@@ -61,6 +77,13 @@ def _mutate(fn):
     (_mutate(lambda d: d["arrays"].pop("ffn")), "columns"),
     (_mutate(lambda d: d["meta"].update(norm="l3")), "norm 'l3'"),
     (_mutate(lambda d: d["arrays"]["ffn"].update(data=np.full(12, np.nan, "<f4").tobytes())), "ffn: weights must be finite"),
+    (_mutate(lambda d: d["trace"].update(tokens=["a"])), "trace.tokens: 1 entries for 6 tokens"),
+    (_mutate(lambda d: d["trace"].update(prompt=7)), "trace.prompt must be text"),
+    (_mutate(lambda d: d["trace"].update(surprise=1)), "trace metadata: unknown field(s) 'surprise'"),
+    (_mutate(lambda d: d["trace"]["model_info"].update(n_layers="6")), "model_info.n_layers must be int"),
+    (_mutate(lambda d: d["trace"].update(job={"index": 1})), "trace.job must be a map of"),
+    (_mutate(lambda d: d["trace"].update(summary={"a": [[[[[[[[1]]]]]]]]})), "nested deeper than"),
+    (_mutate(lambda d: d.update(trace=[1])), "meta, arrays and trace must be maps"),
 ])
 def test_bad_payloads_are_rejected_with_a_clear_error(payload, message):
     with pytest.raises(EdgeSetError) as err:

@@ -1,23 +1,24 @@
 """Models and traces shared by every browser session of one server, with bounded memory.
 
-* ``ModelRegistry.get(spec, device, dtype)`` loads a pipeline once (``routescope.load``) and keeps
-  it in an LRU bounded by parameter bytes; a different device or precision is a different entry,
-  so switching them really reloads the model.
-* Every call into a pipeline (trace or detail query) runs under that pipeline's lock: one model
-  instance is shared safely between sessions.
+* ``ModelRegistry.get(spec, device, dtype)`` takes the pipeline from the process's one pipeline
+  cache (``cluster.pipelines``, bounded by parameter bytes), so the viewer, notebooks and jobs in
+  one process share a model; a different device or precision is a different entry, so switching
+  them really reloads the model.
+* Every call into a pipeline (trace or detail query) runs under that pipeline's own lock
+  (``Pipeline.lock``): one model instance is shared safely between sessions.
 * ``trace`` results are cached per (model, prompt, options) in an LRU bounded by edge-set bytes.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
+from routescope.cluster import pipelines
+from routescope.cluster.pipelines import LRUBytes, PipelineCache
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, None: 4}
+__all__ = ["Loaded", "LRUBytes", "ModelRegistry", "graph_bytes"]
 
 
 @dataclass
@@ -25,7 +26,8 @@ class Loaded:
     key: tuple
     pipeline: Any
     lock: threading.RLock
-    n_bytes: int
+    device: str
+    dtype: str | None  # None: float32
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn`` with exclusive use of this model."""
@@ -34,116 +36,61 @@ class Loaded:
 
 
 def graph_bytes(graph: Any) -> int:
-    es = graph.edges
-    total = 0
-    for v in vars(es).values():
-        if isinstance(v, np.ndarray):
-            total += v.nbytes
-    return total + 1024
-
-
-class LRUBytes:
-    """A thread-safe LRU dict bounded by the sum of its values' sizes."""
-
-    def __init__(self, max_bytes: int, size: Callable[[Any], int], on_evict: Callable[[Any, Any], None] | None = None):
-        self.max_bytes = int(max_bytes)
-        self.size = size
-        self.on_evict = on_evict
-        self._data: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.n_bytes = 0
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            if key not in self._data:
-                return None
-            self._data.move_to_end(key)
-            return self._data[key][0]
-
-    def put(self, key: Any, value: Any) -> None:
-        n = int(self.size(value))
-        evicted = []
-        with self._lock:
-            if key in self._data:
-                self.n_bytes -= self._data.pop(key)[1]
-            self._data[key] = (value, n)
-            self.n_bytes += n
-            while self.n_bytes > self.max_bytes and len(self._data) > 1:
-                k, (v, m) = self._data.popitem(last=False)
-                self.n_bytes -= m
-                evicted.append((k, v))
-        for k, v in evicted:
-            if self.on_evict:
-                self.on_evict(k, v)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __contains__(self, key: Any) -> bool:
-        return key in self._data
+    return graph.edges.n_bytes + 1024
 
 
 class ModelRegistry:
-    """Loaded pipelines (shared, bounded) and traced graphs (shared, bounded)."""
+    """The server's view of the pipeline cache, and its traced graphs (shared, bounded)."""
 
-    def __init__(self, *, model_cache_bytes: int = 4 * 2**30, cache_bytes: int = 512 * 2**20,
-                 max_tokens: int | None = None, address: str | None = None,
-                 loader: Callable[..., Any] | None = None):
+    def __init__(self, *, cache_bytes: int = 512 * 2**20, max_tokens: int | None = None,
+                 address: str | None = None, loader: Callable[..., Any] | None = None,
+                 pipeline_cache: PipelineCache | None = None):
         self.max_tokens = max_tokens
         self.address = address
         self._loader = loader
-        self._models = LRUBytes(model_cache_bytes, lambda m: m.n_bytes, self._evicted)
+        self.pipelines = pipeline_cache or pipelines.CACHE
         self._graphs = LRUBytes(cache_bytes, graph_bytes)
-        self._loading: dict[tuple, threading.Lock] = {}
-        self._lock = threading.Lock()
-        self.loads = 0  # how many times a model was really loaded (tests)
+        self._handles: dict[tuple, Loaded] = {}  # one handle (and lock) per cached pipeline
 
-    @staticmethod
-    def key(spec: str, device: str = "cpu", dtype: str | None = "float32") -> tuple:
-        return (str(spec), str(device), None if dtype in (None, "float32") else str(dtype))
+    @classmethod
+    def for_config(cls, cfg: Any) -> "ModelRegistry":
+        """The registry of a viewer configuration; its ``model_cache_bytes`` bounds the process's
+        pipeline cache (the one cache of this process)."""
+        pipelines.CACHE.max_bytes = cfg.model_cache_bytes
+        return cls(cache_bytes=cfg.cache_bytes, max_tokens=cfg.max_tokens, address=cfg.address)
+
+    def key(self, spec: str, device: str = "cpu", dtype: str | None = "float32") -> tuple:
+        """The pipeline cache's key: the one ``routescope.load`` uses for the same model, so both
+        share the loaded pipeline (a custom ``loader`` gets keys of its own)."""
+        dtype = None if dtype in (None, "float32") else str(dtype)
+        opts: dict[str, Any] = {"address": self.address} if self.address else {"device": str(device)}
+        key = pipelines.cache_key(str(spec), dtype=dtype, **opts)
+        return key if self._loader is None else ("loader", *key)
+
+    @property
+    def loads(self) -> int:
+        """How many times a model was really loaded (tests)."""
+        return self.pipelines.loads
 
     def _load(self, spec: str, device: str, dtype: str | None) -> Any:
-        import routescope
-
         if self._loader is not None:
             return self._loader(spec, device=device, dtype=dtype)
-        opts: dict[str, Any] = {}
-        if self.address:
-            opts["address"] = self.address
-        else:
-            opts["device"] = device
-        if dtype is not None:
-            opts["dtype"] = dtype
-        # reuse=True shares the pipeline with routescope.load callers (notebooks, tests)
-        return routescope.load(spec, **opts)
-
-    def _evicted(self, key: tuple, loaded: Loaded) -> None:
-        import routescope
-
-        # Sessions may still hold this pipeline: drop it from the cache, let them finish with it.
-        routescope.unload(loaded.pipeline, close=False)
+        opts: dict[str, Any] = {"address": self.address} if self.address else {"device": device}
+        return pipelines.load(spec, dtype=dtype, reuse=False, **opts)
 
     def get(self, spec: str, device: str = "cpu", dtype: str | None = "float32") -> Loaded:
+        dtype = None if dtype in (None, "float32") else str(dtype)
         key = self.key(spec, device, dtype)
-        hit = self._models.get(key)
-        if hit is not None:
-            return hit
-        with self._lock:
-            gate = self._loading.setdefault(key, threading.Lock())
-        with gate:  # two sessions asking for the same new model load it once
-            hit = self._models.get(key)
-            if hit is not None:
-                return hit
-            pipe = self._load(spec, device, key[2])
-            self.loads += 1
-            info = getattr(pipe, "info", None)
-            n_params = int(getattr(info, "n_params", 0) or 0)
-            loaded = Loaded(key, pipe, threading.RLock(), n_params * DTYPE_BYTES.get(key[2], 4))
-            self._models.put(key, loaded)
-            return loaded
+        pipe = self.pipelines.get(key, lambda: self._load(spec, device, dtype), dtype)
+        held = self._handles.get(key)
+        if held is None or held.pipeline is not pipe:
+            lock = getattr(pipe, "lock", None)  # a test's stand-in pipeline may have none
+            held = self._handles[key] = Loaded(key, pipe, lock if lock is not None else threading.RLock(),
+                                               str(device), dtype)
+        return held
 
     def is_loaded(self, spec: str, device: str = "cpu", dtype: str | None = "float32") -> bool:
-        return self.key(spec, device, dtype) in self._models
+        return self.key(spec, device, dtype) in self.pipelines
 
     def trace(self, loaded: Loaded, prompt: str, *, prepend_bos: bool = True, norm: str = "l1",
               tau_min: float = 0.01) -> Any:
@@ -166,5 +113,5 @@ class ModelRegistry:
         return self._graphs
 
     @property
-    def model_cache(self) -> LRUBytes:
-        return self._models
+    def model_cache(self) -> PipelineCache:
+        return self.pipelines

@@ -56,11 +56,6 @@ def check_bind(host: str, allow_remote: bool, basic_auth: str | None) -> dict[st
     return auth
 
 
-def make_registry(cfg: ViewerConfig) -> ModelRegistry:
-    return ModelRegistry(model_cache_bytes=cfg.model_cache_bytes, cache_bytes=cfg.cache_bytes,
-                         max_tokens=cfg.max_tokens, address=cfg.address)
-
-
 def serve(cfg: ViewerConfig, *, host: str = "127.0.0.1", port: int = 5006, registry: ModelRegistry | None = None,
           basic_auth: dict[str, str] | None = None, threaded: bool = False, show: bool = False, **kwargs: Any):
     """Start the server; ``threaded=True`` returns the running server thread (tests, notebooks)."""
@@ -69,7 +64,7 @@ def serve(cfg: ViewerConfig, *, host: str = "127.0.0.1", port: int = 5006, regis
     from .app import create_app
 
     pn.extension()
-    registry = registry or make_registry(cfg)
+    registry = registry or ModelRegistry.for_config(cfg)
     opts: dict[str, Any] = dict(address=host, port=port, show=show, threaded=threaded, title="routescope",
                                 websocket_origin=[f"{host}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"])
     if basic_auth:

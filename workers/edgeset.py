@@ -1,10 +1,16 @@
 """The sparse edge set of one prompt over a layer range, and its msgpack wire format.
 
 A stage returns one ``EdgeSet`` per prompt for its layers (global layer indices); the coordinator
-concatenates them into the edge set of the whole model. On the wire every numeric column is raw
-little-endian bytes with an explicit dtype and shape, so decoding is a validated ``frombuffer``
-(no Python floats, no pickle). Decoding is defensive: a file from a colleague or a corrupted
-transfer is rejected with a ``EdgeSetError`` naming the problem, never half-loaded.
+concatenates them into the edge set of the whole model. In one process edge sets travel as
+objects; msgpack bytes exist only at process and file boundaries (Ray actors, saved graphs).
+On the wire every numeric column is raw little-endian bytes with an explicit dtype and shape, so
+decoding is a validated ``frombuffer`` (no Python floats, no pickle), and the metadata is a
+``TraceMeta`` (``workers.schema``) validated field by field. Decoding is defensive: a file from a
+colleague or a corrupted transfer is rejected with a ``EdgeSetError`` naming the problem, never
+half-loaded.
+
+Wire versions: 2 (this writer) carries ``"trace"``; version 1 files carried an untyped
+``"extra"`` map with the same field names and are still read.
 """
 
 from __future__ import annotations
@@ -16,8 +22,11 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from .schema import NORMS, MetaError, TraceMeta
+
 SCHEMA = "routescope.edgeset"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MAX_PAYLOAD_BYTES = 1 << 30
 MAX_TOKENS = 1 << 20
 MAX_LAYERS = 4096
@@ -62,7 +71,7 @@ class EdgeSet:
     ``head_*``: per (layer, target, source, head) attention parts with ``c >= tau_min``.
     ``edge_*``: head-summed attention edge weights ``>= tau_min``.
     ``res_attn``, ``ffn``, ``res_ffn``: ``[n_stage_layers, n_tokens]`` per-position parts.
-    ``extra``: optional metadata carried along (tokens, prompt, prediction).
+    ``trace``: the prompt's metadata (tokens, prompt, model, job data), a ``TraceMeta``.
     """
 
     model: str
@@ -86,11 +95,13 @@ class EdgeSet:
     res_attn: np.ndarray
     ffn: np.ndarray
     res_ffn: np.ndarray
-    extra: dict[str, Any] = field(default_factory=dict)
+    trace: TraceMeta = field(default_factory=TraceMeta)
 
     def __post_init__(self) -> None:
         for name, (dtype, _) in COLUMNS.items():
             setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=np.dtype(dtype)))
+        if not isinstance(self.trace, TraceMeta):
+            raise EdgeSetError(f"trace must be a TraceMeta, got {type(self.trace).__name__}")
 
     @property
     def n_bytes(self) -> int:
@@ -133,7 +144,7 @@ class EdgeSet:
             for name, (dtype, _) in COLUMNS.items()
         }
         return msgpack.packb(
-            {"schema": SCHEMA, "version": VERSION, "meta": meta, "arrays": arrays, "extra": self.extra},
+            {"schema": SCHEMA, "version": VERSION, "meta": meta, "arrays": arrays, "trace": self.trace.to_dict()},
             use_bin_type=True,
         )
 
@@ -154,16 +165,24 @@ class EdgeSet:
             raise EdgeSetError(f"not a msgpack edge set ({type(exc).__name__}: {exc})") from None
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
             raise EdgeSetError(f"not a routescope edge set (schema {_get(doc, 'schema')!r})")
-        if doc.get("version") != VERSION:
-            raise EdgeSetError(f"unsupported edge-set version {_get(doc, 'version')!r} (this reader: {VERSION})")
-        meta, arrays, extra = doc.get("meta"), doc.get("arrays"), doc.get("extra", {})
-        if not isinstance(meta, dict) or not isinstance(arrays, dict) or not isinstance(extra, dict):
-            raise EdgeSetError("meta, arrays and extra must be maps")
+        version = doc.get("version")
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
+            raise EdgeSetError(f"unsupported edge-set version {_get(doc, 'version')!r} "
+                               f"(this reader: {', '.join(map(str, READABLE_VERSIONS))})")
+        meta, arrays = doc.get("meta"), doc.get("arrays")
+        trace = doc.get("trace", {}) if version >= 2 else _v1_trace(doc.get("extra", {}))
+        if not isinstance(meta, dict) or not isinstance(arrays, dict) or not isinstance(trace, dict):
+            raise EdgeSetError("meta, arrays and trace must be maps")
         _check_meta(meta)
         if set(arrays) != set(COLUMNS):
             raise EdgeSetError(f"columns {sorted(arrays)} != expected {sorted(COLUMNS)}")
         columns = {name: _decode_array(name, arrays[name], dtype) for name, (dtype, _) in COLUMNS.items()}
-        return cls(**{k: meta[k] for k in META_TYPES}, **columns, extra=extra).validate()
+        es = cls(**{k: meta[k] for k in META_TYPES}, **columns).validate()
+        try:
+            es.trace = TraceMeta.from_dict(trace, n_tokens=es.n_tokens)
+        except MetaError as exc:
+            raise EdgeSetError(str(exc)) from None
+        return es
 
     @classmethod
     def concatenate(cls, parts: list["EdgeSet"]) -> "EdgeSet":
@@ -182,13 +201,18 @@ class EdgeSet:
             for key in ("model", "n_layers", "n_heads", "n_tokens", "parallel", "norm", "tau_min"):
                 if getattr(p, key) != getattr(first, key):
                     raise EdgeSetError(f"edge sets disagree on {key}: {getattr(p, key)!r} != {getattr(first, key)!r}")
-        columns = {}
-        for name, (_, group) in COLUMNS.items():
-            columns[name] = np.concatenate([getattr(p, name) for p in parts], axis=0)
-        extra = {}
-        for p in parts:
-            extra.update(p.extra)
-        return replace(first, layer_start=first.layer_start, layer_stop=parts[-1].layer_stop, **columns, extra=extra)
+        columns = {name: np.concatenate([getattr(p, name) for p in parts], axis=0) for name in COLUMNS}
+        # Stages know nothing of the prompt: the coordinator fills the merged set's metadata.
+        return replace(first, layer_stop=parts[-1].layer_stop, **columns, trace=TraceMeta())
+
+
+def _v1_trace(extra: Any) -> Any:
+    """A version-1 ``extra`` map as version-2 trace metadata (same field names; others dropped,
+    since version 1 had no schema to hold them to)."""
+    if not isinstance(extra, dict):
+        return extra
+    known = {f.name for f in fields(TraceMeta)}
+    return {k: v for k, v in extra.items() if k in known}
 
 
 def _get(doc: Any, key: str) -> Any:
@@ -215,8 +239,8 @@ def _check_meta(meta: dict[str, Any]) -> None:
         raise EdgeSetError(
             f"meta: layer range [{meta['layer_start']}, {meta['layer_stop']}) not within [0, {meta['n_layers']}]"
         )
-    if meta["norm"] not in ("l1", "l2"):
-        raise EdgeSetError(f"meta: norm {meta['norm']!r} is not 'l1' or 'l2'")
+    if meta["norm"] not in NORMS:
+        raise EdgeSetError(f"meta: norm {meta['norm']!r} is not one of {', '.join(NORMS)}")
     if not 0 <= meta["tau_min"] < 1:
         raise EdgeSetError(f"meta: tau_min {meta['tau_min']} outside [0, 1)")
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 import copy
 import re
 import threading
-import uuid
-from functools import partial
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from functools import partial
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,43 +24,23 @@ from .contributions import (
     DEFAULT_CHUNK_BYTES,
     LayerActivations,
     Norm,
-    head_contribution_map,
+    attention_contributions_chunk,
     layer_contributions,
     neuron_contributions,
     target_head_contributions,
 )
 from . import kernels
+from .details import Component, TokenExtremes, TokenRanking
 from .edgeset import EdgeSet
+from .schema import ModelInfo, Node, canonical_dtype
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "attn.hook_v", "attn.hook_pattern",
           "hook_attn_out", "hook_mlp_out", "mlp.hook_post")
 
 
 class RunEvictedError(KeyError):
     """The activations of a run are no longer cached on this stage."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the viewer and the coordinator need to know about a model."""
-
-    name: str
-    architecture: str
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_model: int
-    d_head: int
-    d_ff: int
-    d_vocab: int
-    n_ctx: int
-    parallel: bool
-    n_params: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def load_config(checkpoint: Checkpoint):
@@ -141,6 +119,11 @@ class ActivationStore:
             self._runs.move_to_end(key)
             return self._runs[key][1]
 
+    def drop(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            for key in keys:
+                self._runs.pop(key, None)
+
     def __contains__(self, key: str) -> bool:
         return key in self._runs
 
@@ -185,7 +168,7 @@ class Stage:
         self.full_config = config
         self.hf_model, stage_config = self._build_hf_model(config)
         self.chunk_bytes = chunk_bytes or _chunk_budget(self.device)
-        self.tokenizer = _load_tokenizer(self.checkpoint)
+        self.tokenizer = load_tokenizer(self.checkpoint)
         self.bridge = build_bridge_from_module(
             self.hf_model, type(self.hf_model).__name__, hf_config=stage_config, tokenizer=self.tokenizer
         )
@@ -300,10 +283,6 @@ class Stage:
             n_params=n_params,
         )
 
-    def parameter_bytes(self) -> int:
-        """Bytes of the parameters this stage holds (its share of the model)."""
-        return sum(p.numel() * p.element_size() for p in self.hf_model.parameters())
-
     # ----------------------------------------------------------------------------- forward
     def forward(
         self,
@@ -314,13 +293,14 @@ class Stage:
         norm: Norm = "l1",
         tau_min: float = 0.01,
         keep: bool = True,
-    ) -> tuple[torch.Tensor, list[bytes]]:
+    ) -> tuple[torch.Tensor, list[EdgeSet]]:
         """Run this stage's layers on a left-padded batch; return the residual and edge sets.
 
         ``inputs`` is ``[B, T]`` token ids on the first stage, else the ``[B, T, d]`` residual the
         previous stage produced. ``lengths`` are the unpadded lengths (positions ``T - len..T-1``
-        hold the prompt). Returns the residual after ``stop - 1`` and one msgpack edge set per
-        prompt. With ``keep``, activations are cached under ``run_ids`` for detail queries.
+        hold the prompt). Returns the residual after ``stop - 1`` and one ``EdgeSet`` per prompt
+        (encoded only where it leaves the process). With ``keep``, activations are cached under
+        ``run_ids`` for detail queries.
         """
         with self._lock, torch.inference_mode():
             keep = keep and run_ids is not None and self._fits_cache(inputs.shape[1], lengths)
@@ -345,11 +325,11 @@ class Stage:
                     break
                 dropped = None
                 self.recomputed_batches += 1
-            payloads = [self._edge_set(columns[b], n, norm, tau_min).encode() for b, n in enumerate(lengths)]
+            edge_sets = [self._edge_set(columns[b], n, norm, tau_min) for b, n in enumerate(lengths)]
             if keep:
                 for b, n in enumerate(lengths):
                     self.store.put(run_ids[b], {"input": _row(inputs, b, n), "layers": kept[b]})
-        return resid_out, payloads
+        return resid_out, edge_sets
 
     def _fits_cache(self, n_tokens: int, lengths: list[int]) -> bool:
         """Whether the batch's activations fit the detail cache (else they are not kept at all)."""
@@ -451,40 +431,53 @@ class Stage:
             raise ValueError(f"layer {layer} is not held by stage [{self.start}, {self.stop})")
         return self.store.get(run_id)["layers"][layer - self.start]
 
+    # Every method from here to ``plain_forward`` is one of ``details.StageDetails``.
     def has_run(self, run_id: str) -> bool:
         return run_id in self.store
 
-    def vector(self, run_id: str, what: str, layer: int, pos: int, head: int | None = None,
-               source: int | None = None, neuron: int | None = None) -> torch.Tensor:
-        """A d-wide vector of a run: residual nodes, block outputs, a head, an edge, a neuron.
+    def drop_runs(self, run_ids: Sequence[str]) -> None:
+        self.store.drop(run_ids)
 
-        ``what``: ``resid_pre`` | ``resid_mid`` | ``resid_post`` | ``attn_out`` | ``mlp_out`` |
-        ``head`` (hook_result[pos, head]) | ``edge`` (part(source, head) at target pos, head None
-        = all heads) | ``neuron`` (act[pos, n] * W_out[n]).
-        """
-        acts = self._acts(run_id, layer)
-        i = layer - self.start
-        _check_pos(pos, acts["hook_resid_pre"].shape[0])
-        if what in ("resid_pre", "resid_post", "attn_out", "mlp_out"):
-            return acts[f"hook_{what}"][pos].float().cpu()
-        if what == "resid_mid":
-            key = "hook_resid_mid" if "hook_resid_mid" in acts else "hook_resid_post"
-            return acts[key][pos].float().cpu()
-        if what in ("head", "edge"):
+    def node_vectors(self, run_id: str, nodes: Sequence[Node]) -> torch.Tensor:
+        """``[n, d]`` fp32 vectors of residual nodes of this stage's layers (``M``: FFN output)."""
+        out = []
+        for node in nodes:
+            acts = self._acts(run_id, node.layer)
+            _check_pos(node.pos, acts["hook_resid_pre"].shape[0])
+            if node.kind == "X":
+                if node.layer != self.start or not self.first:
+                    raise ValueError(f"node: {node.name}: the embedding is held by the first stage")
+                key = "hook_resid_pre"
+            else:
+                key = {"A": "hook_resid_mid", "I": "hook_resid_post", "M": "hook_mlp_out"}[node.kind]
+            if key not in acts:  # parallel blocks have no A node
+                raise ValueError(f"node: {node.name}: parallel attention+FFN blocks have no A node")
+            out.append(acts[key][node.pos].float())
+        return torch.stack(out).cpu()
+
+    def component_vector(self, run_id: str, component: Component) -> torch.Tensor:
+        """The ``[d]`` fp32 vector of a block, head, edge or neuron (``details.Component``)."""
+        c = component
+        acts = self._acts(run_id, c.layer)
+        i = c.layer - self.start
+        pos = _check_pos(c.pos, acts["hook_resid_pre"].shape[0])
+        if c.kind in ("attn_out", "mlp_out"):
+            return acts[f"hook_{c.kind}"][pos].float().cpu()
+        if c.kind == "block":
+            return (acts["hook_resid_post"][pos].float() - acts["hook_resid_pre"][pos].float()).cpu()
+        if c.kind in ("head", "edge"):
             H = self.W_O.shape[1]
-            heads = range(H) if head is None else [_check_index("head", head, H)]
+            heads = range(H) if c.head is None else [_check_index("head", c.head, H)]
             v = acts["attn.hook_v"].float()
             group = H // v.shape[1]
-            srcs = slice(0, pos + 1) if what == "head" else slice(_check_pos(source, pos + 1), source + 1)
+            srcs = slice(0, pos + 1) if c.kind == "head" else slice(_check_pos(c.source, pos + 1), c.source + 1)
             out = torch.zeros(self.W_O.shape[-1])
             for h in heads:
                 a = acts["attn.hook_pattern"][h, pos, srcs].float()
                 out += ((a[:, None] * v[srcs, h // group]).sum(0) @ self.W_O[i, h].float()).cpu()
             return out
-        if what == "neuron":
-            n = _check_index("neuron", neuron, self.W_out.shape[1])
-            return (acts["mlp.hook_post"][pos, n].float() * self.W_out[i, n].float()).cpu()
-        raise ValueError(f"vector: unknown kind {what!r}")
+        n = _check_index("neuron", c.neuron, self.W_out.shape[1])
+        return (acts["mlp.hook_post"][pos, n].float() * self.W_out[i, n].float()).cpu()
 
     def head_contributions(self, run_id: str, layer: int, target: int, norm: Norm = "l1") -> np.ndarray:
         """``c_attn[target, :target+1, :]`` as ``[target+1, H]``."""
@@ -493,13 +486,18 @@ class Stage:
         la = self._layer_acts(acts, layer - self.start)
         return target_head_contributions(la, target, norm).cpu().numpy()
 
-    def attention_maps(self, run_id: str, layer: int, head: int, norm: Norm = "l1") -> tuple[np.ndarray, np.ndarray]:
-        """A head's attention pattern and contribution map, both ``[T, T]``."""
+    def attention_maps(self, run_id: str, layer: int, heads: Sequence[int], norm: Norm = "l1"
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Patterns and contribution maps of ``heads``, both ``[len(heads), T, T]``: the layer's
+        contributions are computed once for all the heads asked for."""
         acts = self._acts(run_id, layer)
-        _check_index("head", head, self.W_O.shape[1])
+        H = self.W_O.shape[1]
+        idx = [_check_index("head", h, H) for h in heads]
+        if not idx:
+            raise ValueError("heads: ask for at least one head")
         la = self._layer_acts(acts, layer - self.start)
-        return (acts["attn.hook_pattern"][head].float().cpu().numpy(),
-                head_contribution_map(la, head, norm).cpu().numpy())
+        contrib = _head_contribution_maps(la, idx, norm, self.chunk_bytes)
+        return acts["attn.hook_pattern"][idx].float().cpu().numpy(), contrib.cpu().numpy()
 
     def attention_patterns(self, run_id: str, layer: int) -> np.ndarray:
         """Every head's attention pattern of one layer, ``[H, T, T]`` fp32 (dataset statistics)."""
@@ -509,28 +507,86 @@ class Stage:
         """Neurons of the FFN at ``(layer, pos)`` ranked by per-neuron contribution (SPEC 4)."""
         acts = self._acts(run_id, layer)
         _check_pos(pos, acts["hook_resid_pre"].shape[0])
+        k = _check_k(k, self.W_out.shape[1])
         i = layer - self.start
         post = acts["hook_resid_post"][pos]
         # Parallel blocks have no resid_mid: everything but the FFN output plays the residual.
         rest = acts["hook_resid_mid"][pos] if "hook_resid_mid" in acts else post - acts["hook_mlp_out"][pos]
         c = neuron_contributions(rest, post, acts["mlp.hook_post"][pos], self.W_out[i], norm)
-        top = torch.topk(c[:-1], min(k, c.numel() - 1))
+        top = torch.topk(c[:-1], k)
         act = acts["mlp.hook_post"][pos].float()
         return [{"neuron": int(n), "contribution": float(w), "activation": float(act[n])}
                 for w, n in zip(top.values, top.indices)]
 
-    def project(self, vectors: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Logits of ``[n, d]`` vectors through (optionally) the final norm and the unembedding."""
+    def _logits(self, vectors: torch.Tensor, normalize: bool) -> torch.Tensor:
         if not self.last:
             raise ValueError("only the last stage holds the final norm and unembedding")
+        if vectors.dim() != 2 or vectors.shape[-1] != self.info.d_model:
+            raise ValueError(f"vectors: shape {tuple(vectors.shape)} is not [n, {self.info.d_model}]")
         with torch.inference_mode():
             x = vectors.to(self.device, self.dtype)[None]
             if normalize:
                 x = self.bridge.ln_final(x)
-            return self.bridge.unembed(x)[0].float().cpu()
+            return self.bridge.unembed(x)[0].float()
 
-    def new_run_id(self) -> str:
-        return uuid.uuid4().hex
+    def rank_tokens(self, vector: torch.Tensor, previous: torch.Tensor | None = None, k: int = 10,
+                    normalize: bool = True) -> TokenRanking:
+        """Top-``k`` tokens of ``vector`` with their ranks, and their ranks under ``previous``
+        (the predecessor's vector) when given; ranked here, on the stage holding the unembedding."""
+        rows = [vector.reshape(1, -1)] + ([] if previous is None else [previous.reshape(1, -1)])
+        logits = self._logits(torch.cat(rows), normalize)
+        k = _check_k(k, logits.shape[-1])
+        top = torch.topk(logits[0], k)
+        ranks = (logits[0][None, :] > top.values[:, None]).sum(-1)
+        prev = None
+        if previous is not None:
+            prev = (logits[1][None, :] > logits[1, top.indices][:, None]).sum(-1).tolist()
+        return TokenRanking(top.indices.tolist(), top.values.tolist(), ranks.tolist(), prev)
+
+    def extreme_tokens(self, vector: torch.Tensor, k: int = 10, normalize: bool = False) -> TokenExtremes:
+        """The ``k`` most promoted and most suppressed tokens of a ``[d]`` vector."""
+        logits = self._logits(vector.reshape(1, -1), normalize)[0]
+        k = _check_k(k, logits.shape[-1])
+        up, down = torch.topk(logits, k), torch.topk(-logits, k)
+        return TokenExtremes(up.indices.tolist(), up.values.tolist(), down.indices.tolist(),
+                             (-down.values).tolist())
+
+    def parameter_bytes(self) -> int:
+        """Bytes of the parameters this stage holds (its share of the model)."""
+        return sum(p.numel() * p.element_size() for p in self.hf_model.parameters())
+
+    def counters(self) -> dict[str, int]:
+        """``recomputed_batches`` (after a candidate list overflowed), ``cached_bytes`` (activations)."""
+        return {"recomputed_batches": self.recomputed_batches, "cached_bytes": self.store.n_bytes}
+
+    def plain_forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """This stage's layers without capture or contributions: ``[1, T]`` ids on the first
+        stage, else the previous stage's residual; returns the residual (or logits, last stage)."""
+        last = f"blocks.{self.stop - self.start - 1}.hook_resid_post"
+        with torch.inference_mode():
+            if self.first and self.last:
+                return self.bridge(inputs.to(self.device))
+            if self.last:
+                return self.bridge(inputs.to(self.device, self.dtype), start_at_layer=0)
+            kwargs = {"names_filter": [last]}
+            if self.first:
+                _, cache = self.bridge.run_with_cache(inputs.to(self.device), prepend_bos=False, **kwargs)
+            else:
+                _, cache = self.bridge.run_with_cache(inputs.to(self.device, self.dtype), start_at_layer=0, **kwargs)
+            return cache[last]
+
+
+def _head_contribution_maps(acts: LayerActivations, heads: list[int], norm: Norm, chunk_bytes: int) -> torch.Tensor:
+    """Dense ``c_attn[heads]`` as ``[len(heads), T, T]`` (zeros above the diagonal), one pass over
+    the layer's targets in chunks, whatever the number of heads."""
+    n = acts.resid_pre.shape[0]
+    out = torch.zeros(len(heads), n, n, dtype=torch.float32, device=acts.resid_pre.device)
+    step = 64
+    for t0 in range(0, n, step):
+        t1 = min(n, t0 + step)
+        c_attn, _, _ = attention_contributions_chunk(acts, t0, t1, norm, chunk_bytes=chunk_bytes)
+        out[:, t0:t1, :t1] = c_attn[heads].float()
+    return out
 
 
 def _new_columns() -> dict[str, list]:
@@ -548,9 +604,15 @@ def _check_pos(pos: int | None, n: int) -> int:
 
 
 def _check_index(what: str, value: int | None, n: int) -> int:
-    if value is None or not 0 <= int(value) < n:
+    if value is None or isinstance(value, bool) or not 0 <= int(value) < n:
         raise ValueError(f"{what} {value} outside [0, {n - 1}]")
     return int(value)
+
+
+def _check_k(k: int, n: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+        raise ValueError(f"k: {k} must be an integer in [1, {n}]")
+    return int(k)
 
 
 def to_host(columns: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -582,12 +644,10 @@ def _dtype(dtype: str | torch.dtype | None, config) -> torch.dtype:
         return torch.float32  # fp32 by default, whatever the checkpoint stores
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return TORCH_DTYPES[canonical_dtype(dtype)]
 
 
-def _load_tokenizer(checkpoint: Checkpoint):
+def load_tokenizer(checkpoint: Checkpoint):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(checkpoint.path))

@@ -1,0 +1,162 @@
+"""The process's pipelines: one cache, bounded by parameter bytes, shared by every caller.
+
+``routescope.load``, the viewer's sessions and dataset jobs all get their pipelines here, so a
+model is loaded once per process whoever asks, two callers asking for the same new model wait
+for one load, and the bytes of loaded weights stay under ``CACHE.max_bytes`` (least recently used
+pipelines are dropped from the cache; callers still holding one may finish with it). Each
+pipeline carries its own lock (``Pipeline.lock``) for traces and detail questions.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Hashable
+
+from routescope.workers.schema import DEFAULT_MODEL, canonical_dtype
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, None: 4}
+
+
+class LRUBytes:
+    """A thread-safe LRU dict bounded by the sum of its values' sizes."""
+
+    def __init__(self, max_bytes: int | None, size: Callable[[Any], int],
+                 on_evict: Callable[[Any, Any], None] | None = None):
+        self.max_bytes = None if max_bytes is None else int(max_bytes)
+        self.size = size
+        self.on_evict = on_evict
+        self._data: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.n_bytes = 0
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            if key not in self._data:
+                return None
+            self._data.move_to_end(key)
+            return self._data[key][0]
+
+    def put(self, key: Any, value: Any) -> None:
+        n = int(self.size(value))
+        with self._lock:
+            if key in self._data:
+                self.n_bytes -= self._data.pop(key)[1]
+            self._data[key] = (value, n)
+            self.n_bytes += n
+        self.trim()
+
+    def trim(self) -> None:
+        """Evict least recently used entries until the bound holds (the newest always stays)."""
+        evicted = []
+        with self._lock:
+            while self.max_bytes is not None and self.n_bytes > self.max_bytes and len(self._data) > 1:
+                k, (v, m) = self._data.popitem(last=False)
+                self.n_bytes -= m
+                evicted.append((k, v))
+        for k, v in evicted:
+            if self.on_evict:
+                self.on_evict(k, v)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._data
+
+
+class PipelineCache:
+    """Pipelines by key, loaded once (per-key gate), bounded by their weights' bytes."""
+
+    def __init__(self, max_bytes: int | None = None):
+        self._lru = LRUBytes(max_bytes, lambda entry: entry[1])
+        self._gates: dict[Hashable, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self.loads = 0  # how many pipelines were really built (tests)
+
+    @property
+    def max_bytes(self) -> int | None:
+        return self._lru.max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int | None) -> None:
+        self._lru.max_bytes = None if value is None else int(value)
+        self._lru.trim()
+
+    @property
+    def n_bytes(self) -> int:
+        return self._lru.n_bytes
+
+    def get(self, key: Hashable, build: Callable[[], Any], dtype: str | None = None) -> Any:
+        """The cached pipeline of ``key``, or ``build()``'s, cached under its weights' bytes."""
+        hit = self._lru.get(key)
+        if hit is not None:
+            return hit[0]
+        with self._lock:
+            gate = self._gates.setdefault(key, threading.Lock())
+        with gate:  # two callers asking for the same new pipeline build it once
+            hit = self._lru.get(key)
+            if hit is not None:
+                return hit[0]
+            pipe = build()
+            self.loads += 1
+            n_params = int(getattr(getattr(pipe, "info", None), "n_params", 0) or 0)
+            self._lru.put(key, (pipe, n_params * DTYPE_BYTES.get(dtype, 4)))
+            return pipe
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._lru
+
+    def discard(self, pipeline: Any) -> bool:
+        """Forget ``pipeline`` (it stays usable for whoever holds it); True if it was cached."""
+        with self._lru._lock:
+            keys = [k for k, (v, _) in self._lru._data.items() if v[0] is pipeline]
+            for k in keys:
+                self._lru.n_bytes -= self._lru._data.pop(k)[1]
+        return bool(keys)
+
+
+CACHE = PipelineCache()
+
+
+def load(model: str = DEFAULT_MODEL, *, stages: int | None = None, layers: str | None = None,
+         address: str | None = None, gpus_per_stage: float = 0, cpus_per_stage: float = 1,
+         device: str = "cpu", dtype: str | None = None, max_tokens: int | None = None, reuse: bool = True):
+    """A ``Pipeline`` for ``model``: in-process, or Ray stage actors when ``address`` is given
+    (``address="local"`` starts a local Ray). With ``reuse`` the process cache is used."""
+    dtype = canonical_dtype(dtype)
+    if gpus_per_stage and address is None:
+        raise ValueError("gpus_per_stage: GPUs per stage need Ray stages; pass address= "
+                         "(e.g. 'local'), or device='cuda' for one in-process stage")
+
+    def build():
+        if address is not None:
+            from .ray_pipeline import ray_pipeline
+
+            return ray_pipeline(model, stages=stages, layers=layers, address=address, gpus_per_stage=gpus_per_stage,
+                                cpus_per_stage=cpus_per_stage, dtype=dtype, max_tokens=max_tokens)
+        from .pipeline import Pipeline
+
+        return Pipeline.local(model, stages=stages, layers=layers, device=device, dtype=dtype, max_tokens=max_tokens)
+
+    if not reuse:
+        return build()
+    key = cache_key(model, stages=stages, layers=layers, address=address, gpus_per_stage=gpus_per_stage,
+                    cpus_per_stage=cpus_per_stage, device=device, dtype=dtype, max_tokens=max_tokens)
+    return CACHE.get(key, build, dtype)
+
+
+def cache_key(model: str, *, stages: int | None = None, layers: str | None = None, address: str | None = None,
+              gpus_per_stage: float = 0, cpus_per_stage: float = 1, device: str = "cpu", dtype: str | None = None,
+              max_tokens: int | None = None) -> tuple:
+    """The cache key of ``load``'s arguments (the viewer shares entries with ``load`` through it)."""
+    dtype = canonical_dtype(dtype)
+    return (str(model), stages, layers, address, gpus_per_stage, cpus_per_stage, device,
+            None if dtype == "float32" else dtype, max_tokens)
+
+
+def unload(pipeline: Any, close: bool = True) -> None:
+    """Forget a cached pipeline; with ``close``, also release its stages (Ray actors)."""
+    CACHE.discard(pipeline)
+    if close:
+        pipeline.close()
