@@ -424,7 +424,7 @@ class ViewerApp:
 
     def _show_info(self, elapsed: float | None) -> None:
         g = self.graph
-        info = dict(g.model_info) if g is not None else {}
+        info = g.meta.model_info.to_dict() if g is not None and g.meta.model_info is not None else {}
         if self.loaded is not None:
             info.update(self.loaded.pipeline.info.to_dict())
         rows = []
@@ -435,7 +435,7 @@ class ViewerApp:
                 v = info[key]
                 rows.append([label, f"{v:,}" if isinstance(v, int) else _esc(str(v))])
         if self.loaded is not None:
-            rows.append(["device / precision", f"{_esc(self.loaded.key[1])} / {_esc(self.loaded.key[2] or 'float32')}"])
+            rows.append(["device / precision", f"{_esc(self.loaded.device)} / {_esc(self.loaded.dtype or 'float32')}"])
         if elapsed is not None:
             rows.append(["load + trace", f"{elapsed:.2f} s"])
         attrs = [{"key": r[0]} for r in rows]
@@ -576,7 +576,7 @@ class ViewerApp:
         g = self.graph
         kind, layer, pos = parse_node(name)
         normalize = bool(self.w_norm.value)
-        top = self._details(g.top_tokens, name, k=10, normalize=normalize)
+        top = self._details(g.live.top_tokens, name, k=10, normalize=normalize)
         pred = g.predecessor(name)
         parts = [f'<div class="rs-detail" data-kind="residual" data-node="{name}">'
                  f"<b>Residual node {name}</b> ({_esc({'X': 'embedding', 'A': 'after attention', 'I': 'after layer'}[kind])}"
@@ -587,7 +587,7 @@ class ViewerApp:
         if kind != "X":
             what = "attn_out" if kind == "A" else ("block" if g.parallel else "mlp_out")
             block = {"attn_out": "attention block", "mlp_out": "FFN block", "block": "layer"}[what]
-            prom = self._details(g.promoted, what, layer, pos, k=10, normalize=normalize)
+            prom = self._details(g.live.promoted, what, layer, pos, k=10, normalize=normalize)
             parts.append(promoted_html(f"Tokens the incoming {block} promoted and suppressed", prom, "rs-block-promoted"))
             self.detail["promoted"] = prom
             self.detail["promoted_what"] = what
@@ -602,7 +602,7 @@ class ViewerApp:
         g = self.graph
         _, layer, tgt = parse_node(dst)
         _, _, source = parse_node(src)
-        heads = np.asarray(self._details(g.head_contributions, layer, tgt, source), float)
+        heads = np.asarray(self._details(g.live.head_contributions, layer, tgt, source), float)
         order = np.argsort(-heads)
         w = self._edge_weight("attn", src, dst)
         rows = [["all heads", f"{heads.sum():.4f}"]] + [[f"head {h}", f"{heads[h]:.4f}"] for h in order]
@@ -631,18 +631,18 @@ class ViewerApp:
         normalize = bool(self.w_norm.value)
         h = None if head < 0 else int(head)
         if h is None:
-            pats, cons = zip(*(self._details(g.attention_maps, layer, i) for i in range(g.n_heads)))
-            pattern = np.mean(pats, axis=0)
-            contrib = np.sum(cons, axis=0)
+            pats, cons = self._details(g.live.attention_maps, layer)  # every head, in one pass
+            pattern = pats.mean(axis=0)
+            contrib = cons.sum(axis=0)
             title = f"L{layer} all heads"
-            at_pos = self._details(g.promoted, "attn_out", layer, tgt, k=10, normalize=normalize)
+            at_pos = self._details(g.live.promoted, "attn_out", layer, tgt, k=10, normalize=normalize)
             at_label = f"Whole attention block L{layer} at position {tgt}"
         else:
-            pattern, contrib = self._details(g.attention_maps, layer, h)
+            pattern, contrib = self._details(g.live.attention_maps, layer, h)
             title = f"L{layer} head {h}"
-            at_pos = self._details(g.promoted, "head", layer, tgt, head=h, k=10, normalize=normalize)
+            at_pos = self._details(g.live.promoted, "head", layer, tgt, head=h, k=10, normalize=normalize)
             at_label = f"Head {h} of L{layer} at position {tgt}"
-        edge = self._details(g.promoted, "edge", layer, tgt, head=h, source=source, k=10, normalize=normalize)
+        edge = self._details(g.live.promoted, "edge", layer, tgt, head=h, source=source, k=10, normalize=normalize)
         d.update(head=head, pattern=pattern, contrib=contrib, head_promoted=at_pos, edge_promoted=edge)
         self.sub_html.object = (f'<div class="rs-head-detail" data-head="{head}">'
                                 + promoted_html(at_label, at_pos, "rs-head-promoted")
@@ -660,8 +660,8 @@ class ViewerApp:
         g = self.graph
         _, layer, pos = parse_node(name)
         normalize = bool(self.w_norm.value)
-        neurons = self._details(g.neurons, layer, pos, 20)
-        block = self._details(g.promoted, "mlp_out", layer, pos, k=10, normalize=normalize)
+        neurons = self._details(g.live.neurons, layer, pos, 20)
+        block = self._details(g.live.promoted, "mlp_out", layer, pos, k=10, normalize=normalize)
         rows = [[n["neuron"], f"{n['contribution']:.4f}", f"{n['activation']:.3f}"] for n in neurons]
         attrs = [{"neuron": n["neuron"], "contribution": f"{n['contribution']:.6f}"} for n in neurons]
         self.detail = {"kind": "ffn", "node": name, "layer": layer, "pos": pos, "neurons": neurons, "promoted": block}
@@ -687,7 +687,7 @@ class ViewerApp:
         if neuron < 0:
             self.sub_html.object = ""
             return
-        prom = self._details(g.promoted, "neuron", d["layer"], d["pos"], neuron=int(neuron), k=10,
+        prom = self._details(g.live.promoted, "neuron", d["layer"], d["pos"], neuron=int(neuron), k=10,
                              normalize=bool(self.w_norm.value))
         act = next((n["activation"] for n in d["neurons"] if n["neuron"] == neuron), None)
         d.update(neuron=neuron, neuron_promoted=prom)
@@ -904,6 +904,5 @@ def view(config: ViewerConfig | str | None = None, registry: ModelRegistry | Non
     from .config import load_config
 
     cfg = config if isinstance(config, ViewerConfig) else load_config(config)
-    reg = registry or ModelRegistry(model_cache_bytes=cfg.model_cache_bytes, cache_bytes=cfg.cache_bytes,
-                                    max_tokens=cfg.max_tokens, address=cfg.address)
+    reg = registry or ModelRegistry.for_config(cfg)
     return create_app(cfg, reg)
