@@ -17,7 +17,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from routescope.cluster.routes import ATTN, FFN_IN, FFN_OUT, KIND_NAMES, RES_ATTN, RES_FFN, Edges, parse_node
+from routescope.cluster.routes import Edges
+from routescope.workers.schema import (A_NODE, ATTN, FFN_IN, FFN_OUT, I_NODE, KIND_NAMES, M_NODE, NODE_KINDS, RES_ATTN,
+                                       RES_FFN, X_NODE, node_names, parse_node)
 
 FFN_DX = 0.3
 KIND_LABEL = {ATTN: "attention", RES_ATTN: "residual", FFN_IN: "FFN in", FFN_OUT: "FFN out", RES_FFN: "residual"}
@@ -35,15 +37,22 @@ def display_token(tok: str) -> str:
             or "\u2205")
 
 
+def nodes_xy(code: np.ndarray, layer: np.ndarray, pos: np.ndarray, parallel: bool = False
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Plot coordinates of integer node columns (``schema.X_NODE`` ..., layer, position)."""
+    layer, pos = np.asarray(layer, float), np.asarray(pos, float)
+    is_m = code == M_NODE
+    x = pos + np.where(is_m, FFN_DX, 0.0)
+    y = np.select([code == X_NODE, code == A_NODE, code == I_NODE],
+                  [np.zeros_like(layer), 2.0 * layer + 1, 2.0 * layer + 2], 2.0 * layer + (1.0 if parallel else 1.5))
+    return x, y
+
+
 def node_xy(name: str, parallel: bool = False) -> tuple[float, float]:
+    """Plot coordinates of one node given by name (clicks and highlights of a selection)."""
     kind, layer, pos = parse_node(name)
-    if kind == "X":
-        return float(pos), 0.0
-    if kind == "A":
-        return float(pos), 2.0 * layer + 1
-    if kind == "I":
-        return float(pos), 2.0 * layer + 2
-    return pos + FFN_DX, 2.0 * layer + (1.0 if parallel else 1.5)  # M
+    x, y = nodes_xy(np.array([NODE_KINDS.index(kind)]), np.array([layer]), np.array([pos]), parallel)
+    return float(x[0]), float(y[0])
 
 
 def _mix(a: str, b: str, t: float) -> str:
@@ -88,22 +97,19 @@ class GraphLayout:
 
 
 def build_layout(edges: Edges, tokens: Sequence[str], n_layers: int, targets: Iterable[int]) -> GraphLayout:
-    """Columns for the route ``edges`` of a graph with ``tokens`` and ``n_layers`` layers."""
+    """Columns for the route ``edges`` of a graph with ``tokens`` and ``n_layers`` layers, laid
+    out from the edges' integer columns (names are made only as labels)."""
     parallel = bool(edges.parallel)
-    src, dst = edges.node_names()
-    n = len(src)
-    x0 = np.zeros(n)
-    y0 = np.zeros(n)
-    x1 = np.zeros(n)
-    y1 = np.zeros(n)
-    for i, (a, b) in enumerate(zip(src, dst)):
-        x0[i], y0[i] = node_xy(a, parallel)
-        x1[i], y1[i] = node_xy(b, parallel)
+    s_code, s_layer, s_pos = edges.source_nodes()
+    d_code, d_layer, d_pos = edges.target_nodes()
+    x0, y0 = nodes_xy(s_code, s_layer, s_pos, parallel)
+    x1, y1 = nodes_xy(d_code, d_layer, d_pos, parallel)
+    src, dst = node_names(s_code, s_layer, s_pos), node_names(d_code, d_layer, d_pos)
     kinds = [int(k) for k in edges.kind]
     weights = [float(w) for w in edges.weight]
     edge_cols = {
-        "xs": [[float(a), float(b)] for a, b in zip(x0, x1)],
-        "ys": [[float(a), float(b)] for a, b in zip(y0, y1)],
+        "xs": np.stack([x0, x1], 1).tolist(),
+        "ys": np.stack([y0, y1], 1).tolist(),
         "src": src, "dst": dst,
         "weight": weights,
         "weight_text": [f"{w:.6f}" for w in weights],
@@ -114,29 +120,32 @@ def build_layout(edges: Edges, tokens: Sequence[str], n_layers: int, targets: It
         "width": [edge_width(w) for w in weights],
         "alpha": [0.35 + 0.6 * min(w, 1.0) for w in weights],
     }
-    # nodes on the route (plus the traced output nodes), with their summed incoming weight
-    incoming: dict[str, float] = {}
-    for b, w in zip(dst, weights):
-        incoming[b] = incoming.get(b, 0.0) + w
-    names = list(dict.fromkeys(list(src) + list(dst) + [f"I{n_layers - 1}_{t}" for t in targets]))
-    nx, ny, kind, marker, color, size, tok, label = [], [], [], [], [], [], [], []
-    for name in names:
-        k, layer, pos = parse_node(name)
-        x, y = node_xy(name, parallel)
-        nx.append(x)
-        ny.append(y)
-        kind.append(k)
-        is_block = k == "M"
-        marker.append("square" if is_block else "circle")
-        color.append("#f16913" if is_block else "#6baed6" if k == "A" else "#525252")
-        size.append(11 if is_block else 9)
-        tok.append(display_token(tokens[pos]))
-        label.append({"X": "embedding", "A": f"after attention L{layer}", "I": f"after layer L{layer}",
-                      "M": f"FFN block L{layer}"}[k])
-    node_cols = {"x": nx, "y": ny, "name": names, "kind": kind, "marker": marker, "color": color, "size": size,
-                 "token": tok, "label": label,
-                 "incoming": [f"{incoming.get(n_, 0.0):.6f}" for n_ in names]}
-    tset = set(int(t) for t in targets)
+    # Nodes on the route (plus the traced output nodes) as unique integer triples, with their
+    # summed incoming weight.
+    t_list = [int(t) for t in targets]
+    out = np.array(t_list, np.int64)
+    codes = np.concatenate([s_code, d_code, np.full(len(out), I_NODE)])
+    layers = np.concatenate([s_layer, d_layer, np.full(len(out), n_layers - 1)])
+    positions = np.concatenate([s_pos, d_pos, out])
+    keys = (codes * (n_layers + 1) + layers) * (len(tokens) + 1) + positions
+    uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # first-seen order, as the edges list them
+    n_edges = len(weights)
+    incoming = np.bincount(inverse[n_edges : 2 * n_edges], weights=np.asarray(weights, float), minlength=len(uniq))
+    code, layer, pos = codes[first][order], layers[first][order], positions[first][order]
+    nx, ny = nodes_xy(code, layer, pos, parallel)
+    names = node_names(code, layer, pos)
+    labels = {X_NODE: "embedding", A_NODE: "after attention L{}", I_NODE: "after layer L{}", M_NODE: "FFN block L{}"}
+    node_cols = {
+        "x": nx.tolist(), "y": ny.tolist(), "name": names, "kind": [NODE_KINDS[c] for c in code.tolist()],
+        "marker": ["square" if c == M_NODE else "circle" for c in code.tolist()],
+        "color": ["#f16913" if c == M_NODE else "#6baed6" if c == A_NODE else "#525252" for c in code.tolist()],
+        "size": [11 if c == M_NODE else 9 for c in code.tolist()],
+        "token": [display_token(tokens[p]) for p in pos.tolist()],
+        "label": [labels[c].format(l) for c, l in zip(code.tolist(), layer.tolist())],
+        "incoming": [f"{w:.6f}" for w in incoming[order]],
+    }
+    tset = set(t_list)
     n_tok = len(tokens)
     top = 2.0 * n_layers + 1.2
     target_cols = {"x": [float(i) for i in range(n_tok)], "y": [top] * n_tok,
@@ -325,24 +334,11 @@ def route_svg(layout: GraphLayout, px_x: float = 60.0, px_y: float = 22.0, margi
 
 # --------------------------------------------------------------------------------- dataset level
 def head_importance(graphs: Sequence[Any], tau: float = 0.04, mode: str = "renormalize") -> np.ndarray:
-    """``[L, H]`` share of graphs where head ``(l, h)`` has a part ``> tau`` on an attention edge of
-    the last position's route (SPEC section 8)."""
+    """``[L, H]`` importance frequency of every head over the predictions at the last position of
+    each graph: the share where the head is important (SPEC section 8, defined in ``cluster.stats``).
+    Graphs of models of different shapes raise ``ValueError``."""
+    from routescope.cluster.stats import head_matrix, importance
+
     if not graphs:
         return np.zeros((0, 0))
-    n_layers = max(g.n_layers for g in graphs)
-    n_heads = max(g.n_heads for g in graphs)
-    counts = np.zeros((n_layers, n_heads))
-    for g in graphs:
-        r = g.route(tau, mode)
-        hit = np.zeros((n_layers, n_heads), bool)
-        attn = r.kind == ATTN
-        if attn.any():
-            es = g.edges
-            keys = set(zip(r.layer[attn].tolist(), r.target[attn].tolist(), r.source[attn].tolist()))
-            big = es.head_weight > tau
-            for l, t, s, h in zip(es.head_layer[big].tolist(), es.head_target[big].tolist(),
-                                  es.head_source[big].tolist(), es.head_head[big].tolist()):
-                if (l, t, s) in keys:
-                    hit[l, h] = True
-        counts += hit
-    return counts / len(graphs)
+    return head_matrix(importance(graphs, tau=tau, mode=mode, positions="last"), "frequency")
