@@ -106,7 +106,7 @@ def test_contributions_of_every_whole_sum_to_one(tiny, arch):
     g = pipe.trace_ids([_token_ids(pipe, 17)])[0]
     for l in range(g.n_layers):
         for t in range(g.n_tokens):
-            heads = g.head_contributions(l, t)  # exact dense [t+1, H]
+            heads = g.live.head_contributions(l, t)  # exact dense [t+1, H]
             total = heads.sum() + g.edges.res_attn[l, t] + (g.edges.ffn[l, t] if g.parallel else 0)
             assert abs(total - 1) < 1e-5
             assert np.all(heads >= 0)
@@ -183,9 +183,8 @@ def test_chunking_does_not_change_results(tiny_dirs, tiny):
     pipe, _ = tiny["gpt2"]
     ids = _token_ids(pipe, 40)
     ref = pipe.trace_ids([ids])[0].edges
-    small = Pipeline.local(Checkpoint(tiny_dirs["gpt2"], "gpt2"))
-    for client in small.clients:
-        client.stage.chunk_bytes = 4096  # forces one-target chunks and many correction batches
+    # 4096 bytes force one-target chunks and many correction batches
+    small = Pipeline.local(Checkpoint(tiny_dirs["gpt2"], "gpt2"), chunk_bytes=4096)
     got = small.trace_ids([ids])[0].edges
     assert np.array_equal(got.head_source, ref.head_source)
     assert np.abs(got.head_weight - ref.head_weight).max() <= 1e-6
@@ -198,7 +197,7 @@ def test_half_precision_models_keep_contributions_normalised(tiny_dirs, dtype):
     assert g.edges.head_weight.dtype == np.float32
     assert np.allclose(g.edges.ffn + g.edges.res_ffn, 1, atol=1e-5)
     for t in range(g.n_tokens):
-        assert abs(g.head_contributions(2, t).sum() + g.edges.res_attn[2, t] - 1) < 1e-4
+        assert abs(g.live.head_contributions(2, t).sum() + g.edges.res_attn[2, t] - 1) < 1e-4
     assert len(g.route(0.04)) > 0
 
 
@@ -320,3 +319,18 @@ def test_fused_candidate_kernel_in_triton_interpreter(tiny_dirs):
     assert "edge sets and routes equal with and without the kernel" in done.stdout
     assert "l1: 0 host syncs" in done.stdout and "l2: 0 host syncs" in done.stdout
     assert "the batch was computed again" in done.stdout
+
+
+def test_run_records_are_bounded_and_leave_the_stage_caches_with_them(tiny_dirs):
+    """The coordinator keeps what it needs to recompute ``max_runs`` runs; an older run is
+    forgotten here and dropped from every stage's activation cache at the same time."""
+    from routescope.workers.stage import RunEvictedError
+
+    pipe = Pipeline.local(Checkpoint(tiny_dirs["llama"], "llama"), layers="0-1,2-3")
+    pipe.max_runs = 2
+    first, second, third = pipe.trace(["Water boils", "The capital of France is", "One two three"])
+    assert [c.has_run(first.live.run_id) for c in pipe.clients] == [False, False]
+    assert all(c.has_run(g.live.run_id) for c in pipe.clients for g in (second, third))
+    with pytest.raises(RunEvictedError, match="unknown to this pipeline; trace the prompt again"):
+        first.live.top_tokens("I3_1")
+    assert second.live.top_tokens("I3_1", k=2)  # the others still answer
