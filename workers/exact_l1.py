@@ -61,6 +61,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -262,7 +263,7 @@ def correction(
 
 def _candidates(
     powers: torch.Tensor, z: torch.Tensor, log_u: torch.Tensor, log_a: torch.Tensor, log_y: torch.Tensor, dg: int,
-    chunk_bytes: int, exceeds,
+    chunk_bytes: int, exceeds: Callable[..., torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The unfused search: indices ``(g, s, h, c)`` of the (group, part) pairs whose bound exceeds 1."""
     G, S, H = log_u.shape

@@ -79,7 +79,7 @@ if triton is not None:
                 b = tl.load(z + g * s_zg + k[:, None] * s_zk + rn[None, :] * s_zn,
                             mask=(k[:, None] < n_inner) & in_n[None, :], other=0.0)
                 acc += tl.dot(a, b)
-            # The epilogue is _bound_exceeds: log(max(total, floor)) / p + log U + log a > log Y.
+            # The epilogue is exact_l1._bound_exceeds: log(max(total, floor)) / p + log U + log a > log Y.
             lu = tl.load(log_u + g * s_ug + rm, mask=in_m, other=0.0)
             la = tl.load(log_a + rm[:, None] * s_am + rn[None, :] * s_an, mask=in_m[:, None] & in_n[None, :],
                          other=float("-inf"))
