@@ -148,9 +148,7 @@ def no_host_syncs_inside_layers(model_dir: str) -> None:
 
     contributions.FIXED_SIZE_SELECTION = True
     stage_module.layer_contributions = counted
-    pipe = Pipeline.local(model_dir)
-    for client in pipe.clients:
-        client.stage.chunk_bytes = 60_000  # with over MIN_CHUNK_TARGETS tokens: several chunks a layer
+    pipe = Pipeline.local(model_dir, chunk_bytes=60_000)  # with over MIN_CHUNK_TARGETS tokens: several chunks a layer
     n_layers = pipe.info.n_layers
     prompt = "Counting the host syncs of a trace: one per chunk of targets, for the number of candidates. " * 2
     for norm in ("l1", "l2"):
@@ -170,7 +168,7 @@ def no_host_syncs_inside_layers(model_dir: str) -> None:
     chunks.clear()
     got = pipe.trace([prompt])[0].edges
     assert kernels._pass_rate > 1e-3  # the synced searches raised it for the next batches
-    assert sum(client.stage.recomputed_batches for client in pipe.clients) == 1
+    assert sum(client.counters()["recomputed_batches"] for client in pipe.clients) == 1
     kernels._MIN_CAPACITY, kernels._pass_rate = saved
     assert len(chunks) == 2 * n_layers and counter.seen, (len(chunks), counter.seen)  # computed again, synced
     assert set(counter.seen) == {"aten::item in bound_candidates"}
