@@ -99,6 +99,52 @@ def check_tau(tau: float, tau_min: float) -> float:
     return tau
 
 
+@dataclass
+class RenormalizedParts:
+    """Renormalize mode at one ``tau`` (SPEC section 6): every part ``c <= tau`` dropped and the
+    survivors of each target node divided by their own sum. Arrays ``[layers, T]`` are indexed by
+    the edge set's layers from ``layer_start``."""
+
+    keep: np.ndarray  # over the stored head parts: c > tau
+    node: np.ndarray  # attention target node of each kept part, (layer - layer_start) * T + target
+    raw: np.ndarray  # weight of each kept part as stored
+    denom: np.ndarray  # [layers, T] sum of the survivors into each attention node (1 where none survive)
+    res_attn: np.ndarray  # [layers, T] renormalised residual part of each attention node
+    ffn: np.ndarray  # [layers, T] renormalised c_ffn: of I{l}_t in parallel blocks, else of its FFN node
+    res_ffn: np.ndarray  # [layers, T] renormalised c_res_ffn (0 in parallel blocks)
+
+    @property
+    def head_weight(self) -> np.ndarray:
+        """Renormalised weight of each kept head part (float64)."""
+        return self.raw / self.denom.reshape(-1)[self.node]
+
+
+def renormalized_parts(es: EdgeSet, tau: float) -> RenormalizedParts:
+    """The parts of ``es`` that survive ``tau`` in renormalize mode, with their renormalised weights."""
+    tau = check_tau(tau, es.tau_min)
+    n_layers, n_tok = es.layer_stop - es.layer_start, es.n_tokens
+    keep = es.head_weight > tau
+    w = es.head_weight[keep]
+    node = (es.head_layer[keep].astype(np.int64) - es.layer_start) * n_tok + es.head_target[keep]
+    denom = np.bincount(node, weights=w, minlength=n_layers * n_tok).reshape(n_layers, n_tok)
+    w_res = np.where(es.res_attn > tau, es.res_attn, 0.0)
+    denom = denom + w_res
+    w_ffn = np.where(es.ffn > tau, es.ffn, 0.0)
+    if es.parallel:
+        denom = denom + w_ffn
+    safe = np.where(denom > 0, denom, 1.0)
+    w_res = w_res / safe
+    if es.parallel:
+        w_ffn = w_ffn / safe
+        w_res_ffn = np.zeros_like(w_ffn)
+    else:
+        w_res_ffn = np.where(es.res_ffn > tau, es.res_ffn, 0.0)
+        ffn_denom = w_ffn + w_res_ffn
+        ffn_safe = np.where(ffn_denom > 0, ffn_denom, 1.0)
+        w_ffn, w_res_ffn = w_ffn / ffn_safe, w_res_ffn / ffn_safe
+    return RenormalizedParts(keep, node, w, safe, w_res, w_ffn, w_res_ffn)
+
+
 def threshold(es: EdgeSet, tau: float, mode: Mode = "renormalize") -> Edges:
     """Every edge of the graph that survives ``tau`` in ``mode`` (SPEC section 6)."""
     tau = check_tau(tau, es.tau_min)
@@ -113,32 +159,16 @@ def threshold(es: EdgeSet, tau: float, mode: Mode = "renormalize") -> Edges:
         attn = (es.edge_layer[keep], es.edge_source[keep], es.edge_target[keep], es.edge_weight[keep])
         w_res, w_ffn, w_res_ffn = (np.where(x > tau, x, 0.0) for x in (res_attn, ffn, res_ffn))
     else:
-        keep = es.head_weight > tau
-        layer, tgt, src, w = es.head_layer[keep], es.head_target[keep], es.head_source[keep], es.head_weight[keep]
-        node = (layer.astype(np.int64) - es.layer_start) * n_tok + tgt
-        denom = np.bincount(node, weights=w, minlength=n_layers * n_tok).reshape(n_layers, n_tok)
-        w_res = np.where(res_attn > tau, res_attn, 0.0)
-        denom = denom + w_res
-        w_ffn = np.where(ffn > tau, ffn, 0.0)
-        if es.parallel:
-            denom = denom + w_ffn
-        safe = np.where(denom > 0, denom, 1.0)
-        w_res = w_res / safe
-        if es.parallel:
-            w_ffn = w_ffn / safe
-            w_res_ffn = np.zeros_like(w_ffn)
-        else:
-            w_res_ffn = np.where(res_ffn > tau, res_ffn, 0.0)
-            ffn_denom = w_ffn + w_res_ffn
-            ffn_safe = np.where(ffn_denom > 0, ffn_denom, 1.0)
-            w_ffn, w_res_ffn = w_ffn / ffn_safe, w_res_ffn / ffn_safe
-        # Head parts -> one edge per (layer, target, source): group and sum.
-        key = node * n_tok + src
+        rn = renormalized_parts(es, tau)
+        w_res, w_ffn, w_res_ffn = rn.res_attn, rn.ffn, rn.res_ffn
+        # Head parts -> one edge per (layer, target, source): sum the raw parts, then divide once
+        # by the node's sum.
+        key = rn.node * n_tok + es.head_source[rn.keep]
         uniq, inverse = np.unique(key, return_inverse=True)
-        sums = np.bincount(inverse, weights=w, minlength=uniq.shape[0])
+        sums = np.bincount(inverse, weights=rn.raw, minlength=uniq.shape[0])
         e_node, e_src = uniq // n_tok, uniq % n_tok
         e_layer, e_tgt = e_node // n_tok + es.layer_start, e_node % n_tok
-        attn = (e_layer, e_src, e_tgt, sums / safe.reshape(-1)[e_node])
+        attn = (e_layer, e_src, e_tgt, sums / rn.denom.reshape(-1)[e_node])
     cols = [_cols(ATTN, *attn)]
     for kind, weights in ((RES_ATTN, w_res), (FFN_IN, w_ffn), (FFN_OUT, w_ffn), (RES_FFN, w_res_ffn)):
         m = weights > 0
