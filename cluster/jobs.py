@@ -1,194 +1,42 @@
 """Dataset jobs: trace every prompt of a dataset and write per-prompt results, resumably.
 
-A job reads a dataset (text: one prompt a line; JSONL with a ``prompt`` field; CSV with a
-column), runs its prompts through a pipeline with several in flight, and writes under the
-results directory::
-
-    manifest.json            model, weights hash, options, routescope version, dataset hash, counts
-    prompts/<index:06d>.msgpack
-                             the full edge set of one prompt (``FlowGraph.save``); its ``extra``
-                             holds the prompt, its index/line, the route summary and the
-                             per-head previous-token attention sums (see ``cluster.stats``)
-    failed.json              prompts of the latest run that could not be traced, with reasons
+A job reads a dataset (``cluster.datasets``: text, JSON lines, JSON or CSV), runs its prompts
+through a pipeline with several in flight, and writes a results directory (layout in
+``cluster.results``): the manifest, one edge set per prompt whose ``trace`` carries the job's
+metadata, route summary and previous-token attention sums, and the failures.
 
 Every file is written atomically (``storage.atomic_write``): a prompt's file is complete or
 absent. A rerun on the same results directory skips the prompts whose files exist, so a job
 killed at any point and started again ends with every prompt exactly once. A rerun with a
 different dataset, model or analysis options is refused rather than mixed in.
-
-``index`` is the record number in the dataset file (0-based line for text/JSONL, 0-based data
-row for CSV); blank lines are skipped, so indexes of a text file are its line numbers minus one.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import hashlib
-import io
 import json
 import os
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
+from routescope.workers.schema import DEFAULT_MODEL, DEFAULT_TAU_MIN, MODES, NORMS, JobMeta, check_choice
+
+from .datasets import MAX_PROMPT_CHARS, read_dataset
+from .results import FAILED, MANIFEST, PROMPTS, Results, done_indexes, prompt_path
+from .stats import POSITIONS, prediction_summary, prediction_targets
 from .storage import atomic_write
 
 SCHEMA = "routescope.job-results"
 SCHEMA_VERSION = 1
-MAX_PROMPT_CHARS = 20_000
-MAX_DATASET_BYTES = 2 << 30
-POSITIONS = ("last", "all")
-MODES = ("renormalize", "plain")
-NORMS = ("l1", "l2")
 # Options that must match for a rerun to resume into existing results.
 _RESUME_KEYS = ("tau_min", "norm", "positions", "prepend_bos", "tau", "mode", "column", "attention")
-
-
-# ================================================================================= datasets
-@dataclass
-class Record:
-    """One record of a dataset: its index, line, and the prompt text or why it is unusable."""
-
-    index: int
-    line: int
-    text: str | None
-    error: str | None = None
-
-
-@dataclass
-class Dataset:
-    path: Path
-    format: str
-    sha256: str
-    size: int
-    records: list[Record]
-
-    @property
-    def valid(self) -> list[Record]:
-        return [r for r in self.records if r.error is None]
-
-    def describe(self) -> dict[str, Any]:
-        return {"path": str(self.path), "format": self.format, "sha256": self.sha256, "bytes": self.size,
-                "n_records": len(self.records), "n_invalid": sum(r.error is not None for r in self.records)}
-
-
-def _format_of(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return "jsonl"
-    if suffix in (".csv", ".tsv"):
-        return "csv"
-    return "text"
-
-
-def _check_text(text: str, where: str, max_chars: int) -> str | None:
-    """Why ``text`` cannot be a prompt (None when it can)."""
-    from routescope.cluster.pipeline import validate_prompt
-
-    if any("\udc80" <= c <= "\udcff" for c in text):  # surrogate-escaped bytes: not UTF-8
-        raw = text.encode("utf-8", "surrogateescape")
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return f"{where}: not valid UTF-8 (byte {exc.start})"
-    if len(text) > max_chars:
-        return f"{where}: {len(text)} characters exceeds the limit of {max_chars}"
-    try:
-        validate_prompt(text)
-    except ValueError as exc:
-        return f"{where}: {str(exc).removeprefix('prompt: ')}"
-    return None
-
-
-def read_dataset(path: str | os.PathLike, column: str = "prompt", *, max_chars: int = MAX_PROMPT_CHARS,
-                 format: str | None = None) -> Dataset:
-    """Read a dataset file. Unusable records (bad UTF-8, too long, control characters, a JSON
-    line without the field) are kept with an ``error``; a missing, unreadable or empty dataset
-    raises (``FileNotFoundError`` / ``ValueError``)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"dataset {path} does not exist")
-    if not path.is_file():
-        raise ValueError(f"dataset {path} is not a file")
-    size = path.stat().st_size
-    if size > MAX_DATASET_BYTES:
-        raise ValueError(f"dataset {path}: {size} bytes exceeds the limit of {MAX_DATASET_BYTES}")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ValueError(f"dataset {path} cannot be read ({exc.strerror or exc})") from None
-    fmt = format or _format_of(path)
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    text = raw.decode("utf-8", "surrogateescape")  # bad bytes survive as lone surrogates, per record
-    records: list[Record] = []
-    if fmt in ("text", "jsonl"):
-        for i, line in enumerate(text.split("\n")):
-            line = line.removesuffix("\r")
-            if not line.strip():
-                continue
-            where = f"line {i + 1}"
-            if fmt == "text":
-                records.append(Record(i, i + 1, line, _check_text(line, where, max_chars)))
-                continue
-            bad = _check_text(line, where, max(max_chars * 8, 1 << 16)) if any(
-                "\udc80" <= c <= "\udcff" for c in line) else None
-            if bad:
-                records.append(Record(i, i + 1, None, bad))
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                records.append(Record(i, i + 1, None, f"{where}: not valid JSON ({exc.msg})"))
-                continue
-            value = obj.get(column) if isinstance(obj, dict) else None
-            if not isinstance(value, str):
-                why = "not a JSON object" if not isinstance(obj, dict) else f"no text field {column!r}"
-                records.append(Record(i, i + 1, None, f"{where}: {why}"))
-                continue
-            records.append(Record(i, i + 1, value, _check_text(value, where, max_chars)))
-    elif fmt == "csv":
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise ValueError(f"dataset {path} holds no prompts (empty CSV)") from None
-        except csv.Error as exc:
-            raise ValueError(f"dataset {path}: CSV header: {exc}") from None
-        if column not in header:
-            raise ValueError(f"dataset {path}: no column {column!r} (columns: {', '.join(header)})")
-        col = header.index(column)
-        row_i = 0
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as exc:
-                raise ValueError(f"dataset {path}: CSV line {reader.line_num}: {exc}") from None
-            where = f"row {row_i + 1} (line {reader.line_num})"
-            if not row or not any(cell.strip() for cell in row):
-                row_i += 1
-                continue
-            value = row[col] if col < len(row) else ""
-            err = _check_text(value, where, max_chars) if value.strip() else f"{where}: empty {column!r}"
-            records.append(Record(row_i, reader.line_num, value if err is None else None, err))
-            row_i += 1
-    else:
-        raise ValueError(f"dataset format {fmt!r}: use text, jsonl or csv")
-    for r in records:
-        if r.error is not None:
-            r.text = None
-    if not records:
-        raise ValueError(f"dataset {path} holds no prompts")
-    return Dataset(path.resolve(), fmt, hashlib.sha256(raw).hexdigest(), size, records)
 
 
 # ================================================================================= options
@@ -198,7 +46,7 @@ class JobSpec:
 
     dataset: str
     results: str
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     stages: int | None = None
     layers: str | None = None
     address: str | None = None  # Ray address of the stage actors (None: in-process stages)
@@ -207,7 +55,7 @@ class JobSpec:
     device: str = "cpu"
     dtype: str | None = None
     column: str = "prompt"
-    tau_min: float = 0.01
+    tau_min: float = DEFAULT_TAU_MIN
     tau: float = 0.04  # threshold of the stored route summary (stats can recompute at any tau >= tau_min)
     mode: str = "renormalize"
     norm: str = "l1"
@@ -221,12 +69,9 @@ class JobSpec:
     progress: bool | None = None  # tqdm bar: None = when stderr is a terminal
 
     def check(self) -> "JobSpec":
-        if self.norm not in NORMS:
-            raise ValueError(f"norm: {self.norm!r} is not one of {', '.join(NORMS)}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode: {self.mode!r} is not one of {', '.join(MODES)}")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"positions: {self.positions!r} is not one of {', '.join(POSITIONS)}")
+        check_choice("norm", self.norm, NORMS)
+        check_choice("mode", self.mode, MODES)
+        check_choice("positions", self.positions, POSITIONS)
         for name in ("tau_min", "tau"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not np.isfinite(v) or not 0 < v < 1:
@@ -286,23 +131,7 @@ def spec_from_args(args: Any, env: dict[str, str] | None = None) -> JobSpec:
     )
 
 
-# ================================================================================= results layout
-def prompt_path(results: str | os.PathLike, index: int) -> Path:
-    return Path(results) / "prompts" / f"{int(index):06d}.msgpack"
-
-
-def done_indexes(results: str | os.PathLike) -> set[int]:
-    """Indexes whose result file exists (complete, since files are written atomically)."""
-    d = Path(results) / "prompts"
-    if not d.is_dir():
-        return set()
-    out = set()
-    for p in d.iterdir():
-        if p.suffix == ".msgpack" and p.stem.isdigit() and not p.name.startswith("."):
-            out.add(int(p.stem))
-    return out
-
-
+# ================================================================================= results
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n").encode()
 
@@ -312,7 +141,7 @@ def _prepare_results(results: Path) -> None:
     try:
         if results.exists() and not results.is_dir():
             raise ValueError(f"results location {results} is not writable: it is a file, not a directory")
-        (results / "prompts").mkdir(parents=True, exist_ok=True)
+        (results / PROMPTS).mkdir(parents=True, exist_ok=True)
         probe = results / ".write-probe"
         atomic_write(probe, b"ok", fsync=False)
         probe.unlink()
@@ -321,7 +150,7 @@ def _prepare_results(results: Path) -> None:
     except OSError as exc:
         raise ValueError(f"results location {results} is not writable ({exc.strerror or exc})") from None
     # Temporary files of a run that was killed mid-write: never results, safe to drop.
-    for p in (results / "prompts").glob(".*.tmp"):
+    for p in (results / PROMPTS).glob(".*.tmp"):
         try:
             p.unlink()
         except OSError:
@@ -330,18 +159,18 @@ def _prepare_results(results: Path) -> None:
 
 def _check_resume(results: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
     """The existing manifest, after checking it describes the same job (else ``ValueError``)."""
-    path = results / "manifest.json"
+    path = results / MANIFEST
     if not path.exists():
         if done_indexes(results):
-            raise ValueError(f"results location {results} holds prompt files but no manifest.json; "
+            raise ValueError(f"results location {results} holds prompt files but no {MANIFEST}; "
                              "use an empty directory")
         return None
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"results location {results}: unreadable manifest.json ({exc})") from None
+        raise ValueError(f"results location {results}: unreadable {MANIFEST} ({exc})") from None
     if not isinstance(old, dict) or old.get("schema") != SCHEMA:
-        raise ValueError(f"results location {results}: manifest.json is not a routescope job manifest")
+        raise ValueError(f"results location {results}: {MANIFEST} is not a routescope job manifest")
     diffs = []
     if old.get("dataset", {}).get("sha256") != manifest["dataset"]["sha256"]:
         diffs.append("dataset contents (sha256)")
@@ -402,26 +231,27 @@ class Progress:
 
 
 def _load_pipeline(spec: JobSpec):
-    import routescope
+    # Loading a pipeline brings in torch; a job refused for its inputs never gets this far.
+    from routescope.cluster.pipelines import load
 
     kwargs = dict(stages=spec.stages, layers=spec.layers, gpus_per_stage=spec.gpus_per_stage,
                   cpus_per_stage=spec.cpus_per_stage, dtype=spec.dtype)
     if spec.address is not None:
         try:
-            import routescope.cluster.ray_pipeline  # noqa: F401
+            from . import ray_pipeline  # noqa: F401 - imported only to learn whether Ray is usable here
         except ImportError as exc:
             print(f"warning: Ray stage actors unavailable ({exc}); running the stages inside the job's "
                   "driver process instead", flush=True)
         else:
-            return routescope.load(spec.model, address=spec.address, **kwargs)
-    return routescope.load(spec.model, device=spec.device, **kwargs)
+            return load(spec.model, address=spec.address, **kwargs)
+    return load(spec.model, device=spec.device, **kwargs)
 
 
 def _layer_patterns(graph, layer: int) -> np.ndarray:
     """``pattern[h, t, s]`` of every head of ``layer``, in one detail call to the owning stage."""
-    if graph.backend is None or graph.run_id is None:  # e.g. a hand-made graph: per-head maps
+    if not graph.is_live:  # e.g. a hand-made graph: per-head maps
         return np.stack([graph.attention_maps(layer, h)[0] for h in range(graph.n_heads)]).astype(np.float64)
-    return np.asarray(graph.backend.ask(graph.run_id, layer, "attention_patterns", layer), dtype=np.float64)
+    return np.asarray(graph.live.attention_patterns(layer), dtype=np.float64)
 
 
 def previous_token_sums(graph, *, bos_sink: bool) -> dict[str, Any]:
@@ -454,15 +284,12 @@ def previous_token_sums(graph, *, bos_sink: bool) -> dict[str, Any]:
 
 def run(spec: JobSpec, *, pipeline=None) -> dict[str, Any]:
     """Run a dataset job to completion (resuming into existing results); return the manifest."""
-    import routescope
-    from routescope.cluster.stats import prediction_summary
-
     spec.check()
     dataset = read_dataset(spec.dataset, spec.column, max_chars=spec.max_chars)
     results = Path(spec.results).expanduser().resolve()
     _prepare_results(results)
     manifest: dict[str, Any] = {
-        "schema": SCHEMA, "version": SCHEMA_VERSION, "routescope_version": routescope.__version__,
+        "schema": SCHEMA, "version": SCHEMA_VERSION, "routescope_version": metadata.version("routescope"),
         "model": spec.model, "options": spec.analysis_options(), "dataset": dataset.describe(),
     }
     old = _check_resume(results, manifest)
@@ -511,8 +338,8 @@ def run(spec: JobSpec, *, pipeline=None) -> dict[str, Any]:
         n_done = len(done_indexes(results))
         manifest["counts"] = {"records": len(dataset.records), "done": n_done, "failed": len(failed),
                               "pending": len(dataset.records) - n_done - len(failed)}
-        atomic_write(results / "failed.json", _json_bytes(sorted(failed.values(), key=lambda f: f["index"])))
-        atomic_write(results / "manifest.json", _json_bytes(manifest))
+        atomic_write(results / FAILED, _json_bytes(sorted(failed.values(), key=lambda f: f["index"])))
+        atomic_write(results / MANIFEST, _json_bytes(manifest))
 
     for idx, f in sorted(failed.items()):
         print(f"skipped: {f['error']}", flush=True)
@@ -543,7 +370,7 @@ def run(spec: JobSpec, *, pipeline=None) -> dict[str, Any]:
                     progress.update(0, failed=1)
                     continue
                 try:
-                    _annotate(g, spec, idx, line, bos_sink, prediction_summary)
+                    _annotate(g, spec, idx, line, bos_sink)
                     g.save(prompt_path(results, idx))
                 except OSError as exc:
                     raise ValueError(f"results location {results}: cannot write prompt {idx} "
@@ -565,28 +392,25 @@ def run(spec: JobSpec, *, pipeline=None) -> dict[str, Any]:
     return manifest
 
 
-def _annotate(graph, spec: JobSpec, index: int, line: int, bos_sink: bool, prediction_summary) -> None:
-    """Put the job's per-prompt metadata, route summary and attention sums into ``edges.extra``."""
-    T = graph.n_tokens
-    targets = [T - 1] if spec.positions == "last" else list(range(T))
-    extra = graph.edges.extra
-    extra["job"] = {"index": index, "line": line, "positions": spec.positions, "job_id": spec.job_id}
-    extra["summary"] = prediction_summary(graph.edges, spec.tau, spec.mode, targets).to_dict()
+def _annotate(graph, spec: JobSpec, index: int, line: int, bos_sink: bool) -> None:
+    """Put the job's per-prompt metadata, route summary and attention sums into ``edges.trace``."""
+    trace = graph.edges.trace
+    trace.job = JobMeta(index=index, line=line, positions=spec.positions, job_id=spec.job_id or "")
+    targets = prediction_targets(graph.n_tokens, spec.positions)
+    trace.summary = prediction_summary(graph.edges, spec.tau, spec.mode, targets).to_dict()
     try:
-        top = graph.prediction(k=3)
-        extra["prediction"] = [{"token": p["token"], "id": int(p["id"]), "score": float(p["score"])} for p in top]
+        top = graph.live.prediction(k=3)
+        trace.prediction = [{"token": p["token"], "id": int(p["id"]), "score": float(p["score"])} for p in top]
     except Exception:  # noqa: BLE001 - the prediction is a convenience
-        extra["prediction"] = None
+        trace.prediction = None
     if spec.attention:
-        extra["attention"] = previous_token_sums(graph, bos_sink=bos_sink)
+        trace.attention = previous_token_sums(graph, bos_sink=bos_sink)
 
 
 # ================================================================================= entry points
-def run_job(dataset: str | os.PathLike, results: str | os.PathLike, *, model: str = "smollm2-135m",
+def run_job(dataset: str | os.PathLike, results: str | os.PathLike, *, model: str = DEFAULT_MODEL,
             pipeline=None, **options: Any):
-    """Run a dataset job in this process (small cases); return the results (``stats.Results``)."""
-    from .stats import Results
-
+    """Run a dataset job in this process (small cases); return its ``Results``."""
     fields_ = {f.name for f in dataclasses.fields(JobSpec)}
     unknown = set(options) - fields_
     if unknown:
@@ -597,23 +421,8 @@ def run_job(dataset: str | os.PathLike, results: str | os.PathLike, *, model: st
 
 
 def main(args: Any) -> int:
-    """``routescope run-job`` and ``routescope submit``."""
-    spec = spec_from_args(args)
-    if args.command == "run-job":
-        manifest = run(spec)
-        return 0 if manifest["status"] == "complete" else 1
-    address = args.address
-    spec.address = None  # the job's driver places the stage actors on its own cluster ("auto")
-    handle = submit_spec(spec, address=address)
-    print(f"submitted job {handle.job_id} to {handle.address}; results in {spec.results}", flush=True)
-    if getattr(args, "wait", False):
-        status = handle.wait(show_logs=True)
-        print(f"job {handle.job_id}: {status}")
-        return 0 if status == "SUCCEEDED" else 1
-    return 0
-
-
-def submit_spec(spec: JobSpec, *, address: str | None = None, **kwargs: Any):
-    from .submit import submit_job_spec
-
-    return submit_job_spec(spec, address=address, **kwargs)
+    """``routescope run-job``: exit status 0 when every prompt was traced, 1 when some failed."""
+    if args.command != "run-job":
+        raise ValueError(f"{args.command}: cluster.jobs.main runs 'run-job' (submit: cluster.submit.main)")
+    manifest = run(spec_from_args(args))
+    return 0 if manifest["status"] == "complete" else 1

@@ -1,12 +1,17 @@
 """Dataset-level statistics (SPEC section 8): which heads and FFN blocks matter, how often.
 
+Pure functions over results: a ``Results`` (or its path), or a list of ``FlowGraph`` /
+``EdgeSet`` / ``Summary``, in; numbers and DataFrames out. Plots and the Panel view of these
+numbers are in ``viewer.stats_view``.
+
 Definitions (one *prediction* is the output node ``I{L-1}_t`` of one traced position; a job with
 ``positions="last"`` has one per prompt, with ``"all"`` one per token):
 
-* A head ``(l, h)`` is **important** for a prediction when some stored part
-  ``c_attn[t, s, h]`` of layer ``l`` exceeds ``tau`` and its target node ``A{l}_t`` is on the
-  prediction's route (``FlowGraph.route``). An FFN ``l`` is important when ``c_ffn[t] > tau`` and
-  ``M{l}_t`` is on the route. The **importance frequency** is the share of predictions where it is.
+* A head ``(l, h)`` is **important** for a prediction when one of its parts ``c_attn[t, s, h]``
+  of layer ``l`` exceeds ``tau`` and that part's edge ``src(l, s) -> A{l}_t`` is on the
+  prediction's route (``FlowGraph.route``; ``-> I{l}_t`` in parallel blocks). An FFN ``l`` is
+  important when its edge ``M{l}_t -> I{l}_t`` is on the route (so ``c_ffn[t] > tau``). The
+  **importance frequency** is the share of predictions where it is.
 * **Contribution-weighted** importance (``weighted``): the route's flow through the component,
   averaged over predictions. Flow starts as 1 at the output node and is passed down the route,
   each node handing its flow to its surviving incoming edges in proportion to their weights
@@ -26,22 +31,34 @@ Definitions (one *prediction* is the output node ``I{L-1}_t`` of one traced posi
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from routescope.workers.edgeset import EdgeSet, EdgeSetError
+from routescope.workers.schema import ATTN, FFN_IN, FFN_OUT, RES_ATTN, RES_FFN, check_choice
 
-from .routes import ATTN, FFN_IN, FFN_OUT, RES_ATTN, RES_FFN, check_tau, threshold
+from .graph import FlowGraph
+from .results import Results
+from .routes import check_targets, check_tau, renormalized_parts, threshold
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# Which positions of a prompt a job summarises: the last one, or every one.
+POSITIONS: tuple[str, ...] = ("last", "all")
+
+
+def prediction_targets(n_tokens: int, positions: str) -> list[int]:
+    """The traced positions whose predictions a job with ``positions`` summarises."""
+    check_choice("positions", positions, POSITIONS)
+    return [n_tokens - 1] if positions == "last" else list(range(n_tokens))
+
 
 # ================================================================================= per prediction
-
-
 @dataclass
 class Summary:
     """Importance and flow of every head and FFN for the predictions of one prompt."""
@@ -54,7 +71,7 @@ class Summary:
     ffn_important: np.ndarray  # [P, L] bool
     ffn_flow: np.ndarray  # [P, L]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return {"tau": float(self.tau), "mode": self.mode, "targets": [int(t) for t in self.targets],
                 "head_important": self.head_important.astype(int).tolist(),
                 "head_flow": np.round(self.head_flow, 7).tolist(),
@@ -62,7 +79,7 @@ class Summary:
                 "ffn_flow": np.round(self.ffn_flow, 7).tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Summary":
+    def from_dict(cls, d: dict) -> "Summary":
         return cls(float(d["tau"]), str(d["mode"]), [int(t) for t in d["targets"]],
                    np.asarray(d["head_important"], bool), np.asarray(d["head_flow"], float),
                    np.asarray(d["ffn_important"], bool), np.asarray(d["ffn_flow"], float))
@@ -76,23 +93,18 @@ def prediction_summary(es: EdgeSet, tau: float = 0.04, mode: str = "renormalize"
         raise ValueError("prediction_summary: the edge set must cover all layers")
     tau = check_tau(tau, es.tau_min)
     L, H, T = es.n_layers, es.n_heads, es.n_tokens
-    targets = [T - 1] if targets is None else [int(t) for t in targets]
-    for t in targets:
-        if not 0 <= t < T:
-            raise ValueError(f"target: position {t} outside [0, {T - 1}]")
+    targets = [T - 1] if targets is None else check_targets(targets, T)
     P = len(targets)
     edges = threshold(es, tau, mode)  # validates mode
-    # Part-level weights of the parts above tau.
+    # The parts above tau, with their weights in this mode.
     keep = es.head_weight > tau
     p_layer, p_tgt, p_src, p_head = (es.head_layer[keep].astype(np.int64), es.head_target[keep].astype(np.int64),
                                      es.head_source[keep].astype(np.int64), es.head_head[keep].astype(np.int64))
-    p_w = es.head_weight[keep].astype(np.float64)
-    if mode == "renormalize":
-        denom = np.bincount(p_layer * T + p_tgt, weights=p_w, minlength=L * T).reshape(L, T)
-        denom = denom + np.where(es.res_attn > tau, es.res_attn, 0.0)
-        if es.parallel:
-            denom = denom + np.where(es.ffn > tau, es.ffn, 0.0)
-        p_w = p_w / np.where(denom > 0, denom, 1.0)[p_layer, p_tgt]
+    p_w = renormalized_parts(es, tau).head_weight if mode == "renormalize" else es.head_weight[keep].astype(np.float64)
+    # A part counts only through its own edge: the attention edge (layer, target, source) that survived.
+    attn = edges.kind == ATTN
+    p_edge = np.isin((p_layer * T + p_tgt) * T + p_src,
+                     (edges.layer[attn].astype(np.int64) * T + edges.target[attn]) * T + edges.source[attn])
     head_important = np.zeros((P, L, H), bool)
     head_flow = np.zeros((P, L, H))
     ffn_important = np.zeros((P, L), bool)
@@ -145,7 +157,7 @@ def prediction_summary(es: EdgeSet, tau: float = 0.04, mode: str = "renormalize"
         if len(pi):
             heads, tgts = p_head[pi], p_tgt[pi]
             contrib = f_a[:, tgts] * p_w[pi]  # [P, parts]
-            on = r_a[:, tgts] > 0
+            on = (r_a[:, tgts] > 0) & p_edge[pi]  # the part's edge enters a node on the route
             for p in range(P):
                 head_flow[p, l] = np.bincount(heads, weights=contrib[p] * on[p], minlength=H)
                 head_important[p, l] = np.bincount(heads, weights=on[p].astype(float), minlength=H) > 0
@@ -153,117 +165,12 @@ def prediction_summary(es: EdgeSet, tau: float = 0.04, mode: str = "renormalize"
     return Summary(float(tau), mode, targets, head_important, head_flow, ffn_important, ffn_flow)
 
 
-# ================================================================================= result sets
-class Results:
-    """A results directory of a dataset job: manifest, per-prompt graphs, summaries, statistics."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path).expanduser()
-        manifest = self.path / "manifest.json"
-        if not manifest.is_file():
-            raise FileNotFoundError(f"{self.path} is not a results directory (no manifest.json)")
-        self._cache: dict[int, EdgeSet] = {}
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return json.loads((self.path / "manifest.json").read_text())
-
-    @property
-    def failed(self) -> list[dict[str, Any]]:
-        p = self.path / "failed.json"
-        return json.loads(p.read_text()) if p.is_file() else []
-
-    @property
-    def indexes(self) -> list[int]:
-        from .jobs import done_indexes
-
-        return sorted(done_indexes(self.path))
-
-    def __len__(self) -> int:
-        return len(self.indexes)
-
-    def __repr__(self) -> str:
-        m = self.manifest
-        return (f"Results({str(self.path)!r}, model={m.get('model')!r}, done={len(self)}, "
-                f"failed={len(self.failed)}, status={m.get('status')!r})")
-
-    def edges(self, index: int) -> EdgeSet:
-        if index not in self._cache:
-            from .jobs import prompt_path
-
-            p = prompt_path(self.path, index)
-            if not p.is_file():
-                raise KeyError(f"prompt {index} has no result in {self.path}")
-            try:
-                self._cache[index] = EdgeSet.decode(p.read_bytes())
-            except EdgeSetError as exc:
-                raise EdgeSetError(f"{p}: {exc}") from None
-        return self._cache[index]
-
-    def problems(self) -> dict[int, str]:
-        """Prompt files that do not decode to a valid edge set, by index: ``{index: 'path: why'}``.
-        The others load as usual; statistics skip these with a warning."""
-        out = {}
-        for i in self.indexes:
-            try:
-                self.edges(i)
-            except EdgeSetError as exc:
-                out[i] = str(exc)
-        return out
-
-    def graph(self, index: int):
-        """The ``FlowGraph`` of prompt ``index`` (routes; no live details)."""
-        from .graph import FlowGraph
-
-        return FlowGraph(self.edges(index))
-
-    def graphs(self) -> Iterator[Any]:
-        for i in self.indexes:
-            yield self.graph(i)
-
-    def __iter__(self):
-        return self.graphs()
-
-    def table(self):
-        """One row per traced prompt: index, line, prompt, tokens, top prediction."""
-        import pandas as pd
-
-        rows = []
-        for i in self.indexes:
-            e = self.edges(i).extra
-            pred = e.get("prediction") or [{}]
-            rows.append({"index": i, "line": e.get("job", {}).get("line"), "prompt": e.get("prompt"),
-                         "n_tokens": self.edges(i).n_tokens, "prediction": pred[0].get("token")})
-        return pd.DataFrame(rows)
-
-    def summaries(self, tau: float | None = None, mode: str | None = None,
-                  positions: str | None = None) -> list[Summary]:
-        return [s for s, _ in _summaries_of(self, tau, mode, positions)]
-
-    # conveniences
-    def importance(self, **kw):
-        return importance(self, **kw)
-
-    def previous_token(self, **kw):
-        return previous_token(self, **kw)
-
-    def compare(self, other, **kw):
-        return compare(self, other, **kw)
-
-    def heatmap(self, value: str = "frequency", **kw):
-        return heatmap(importance(self, tau=kw.pop("tau", None), mode=kw.pop("mode", None)), value, **kw)
-
-    def viewer(self, **kw):
-        """A Panel layout of the statistics and per-prompt routes (display it in a notebook)."""
-        return panel(self, **kw)
-
-    def serve_command(self) -> str:
-        return f"routescope serve --results {self.path}"
+# ================================================================================= over many predictions
+# What the statistics read: a results directory (or its path), or graphs, edge sets or summaries.
+Source = Results | str | os.PathLike | Iterable[FlowGraph | EdgeSet | Summary]
 
 
-def _as_edgesets(source) -> Iterator[tuple[EdgeSet, Any]]:
-    from .graph import FlowGraph
-
+def _as_edgesets(source: Source) -> Iterator[tuple[EdgeSet | None, Summary | None]]:
     if isinstance(source, (str, os.PathLike)):
         source = Results(source)
     if isinstance(source, Results):
@@ -286,18 +193,17 @@ def _as_edgesets(source) -> Iterator[tuple[EdgeSet, Any]]:
             raise TypeError(f"statistics: cannot read a {type(item).__name__} (use Results, FlowGraph, EdgeSet or Summary)")
 
 
-def _summaries_of(source, tau, mode, positions) -> Iterator[tuple[Summary, EdgeSet | None]]:
+def _summaries_of(source: Source, tau: float | None, mode: str | None,
+                  positions: str | None) -> Iterator[tuple[Summary, EdgeSet | None]]:
     for es, summ in _as_edgesets(source):
         if es is None:
             if tau is not None and abs(summ.tau - tau) > 1e-12 or mode is not None and summ.mode != mode:
                 raise ValueError("statistics: a Summary was computed at another tau/mode")
             yield summ, None
             continue
-        stored = es.extra.get("summary")
-        pos = positions or es.extra.get("job", {}).get("positions", "last")
-        if pos not in ("last", "all"):
-            raise ValueError(f"positions: {pos!r} is not 'last' or 'all'")
-        targets = [es.n_tokens - 1] if pos == "last" else list(range(es.n_tokens))
+        stored = es.trace.summary
+        job = es.trace.job
+        targets = prediction_targets(es.n_tokens, positions or (job.positions if job else "last"))
         if stored:
             s = Summary.from_dict(stored)
             if ((tau is None or abs(s.tau - tau) < 1e-12) and (mode is None or s.mode == mode)
@@ -305,6 +211,13 @@ def _summaries_of(source, tau, mode, positions) -> Iterator[tuple[Summary, EdgeS
                 yield s, es
                 continue
         yield prediction_summary(es, 0.04 if tau is None else tau, mode or "renormalize", targets), es
+
+
+def summaries(source: Source, *, tau: float | None = None, mode: str | None = None,
+              positions: str | None = None) -> list[Summary]:
+    """The ``Summary`` of every prompt of ``source``: the stored one where it was computed at
+    ``tau``/``mode``/``positions`` (default: the job's), else recomputed from the edge set."""
+    return [s for s, _ in _summaries_of(source, tau, mode, positions)]
 
 
 def _component_frame(head_count, head_flow, ffn_count, ffn_flow, n_pred):
@@ -328,7 +241,8 @@ def _component_frame(head_count, head_flow, ffn_count, ffn_flow, n_pred):
     return df
 
 
-def importance(source, *, tau: float | None = None, mode: str | None = None, positions: str | None = None):
+def importance(source: Source, *, tau: float | None = None, mode: str | None = None,
+               positions: str | None = None) -> "pd.DataFrame":
     """Per head and per FFN layer: ``count``, ``frequency`` (share of predictions where it is
     important), ``weighted`` (mean route flow) and their ranks within heads / within FFNs.
 
@@ -355,8 +269,8 @@ def importance(source, *, tau: float | None = None, mode: str | None = None, pos
     return _component_frame(head_count, head_flow, ffn_count, ffn_flow, n_pred)
 
 
-def compare(a, b, *, labels: Sequence[str] = ("a", "b"), tau: float | None = None, mode: str | None = None,
-            positions: str | None = None):
+def compare(a: Source, b: Source, *, labels: Sequence[str] = ("a", "b"), tau: float | None = None,
+            mode: str | None = None, positions: str | None = None) -> "pd.DataFrame":
     """Importance of every component in two result sets (e.g. code vs prose).
 
     Columns ``frequency_<a>``, ``frequency_<b>``, ``difference`` (a - b), ``ratio`` (a / b:
@@ -383,7 +297,8 @@ def compare(a, b, *, labels: Sequence[str] = ("a", "b"), tau: float | None = Non
     return df.sort_values(["difference", "weighted_difference"], ascending=False, kind="stable").reset_index(drop=True)
 
 
-def previous_token(source, *, tau: float | None = None, mode: str | None = None, positions: str | None = None):
+def previous_token(source: Source, *, tau: float | None = None, mode: str | None = None,
+                   positions: str | None = None) -> "pd.DataFrame":
     """Per head: previous-token scores (see module docstring), their ranks, and the head's
     importance frequency / weighted importance with their ranks among all heads."""
     raw = nobos = None
@@ -392,7 +307,7 @@ def previous_token(source, *, tau: float | None = None, mode: str | None = None,
     for es, _ in _as_edgesets(source):
         if es is None:
             raise TypeError("previous_token: needs edge sets with attention sums, not Summaries")
-        att = es.extra.get("attention")
+        att = es.trace.attention
         if not att:
             raise ValueError("previous_token: results without attention sums (job run with attention=False)")
         if raw is None:
@@ -416,102 +331,10 @@ def previous_token(source, *, tau: float | None = None, mode: str | None = None,
     return df
 
 
-# ================================================================================= plots
-def head_matrix(table, value: str = "frequency") -> np.ndarray:
+def head_matrix(table: "pd.DataFrame", value: str = "frequency") -> np.ndarray:
     """The ``[layers, heads]`` matrix of one column of an importance/compare/previous-token table."""
     t = table[table["head"] >= 0] if "head" in table else table
     L, H = int(t["layer"].max()) + 1, int(t["head"].max()) + 1
     m = np.full((L, H), np.nan)
     m[t["layer"].to_numpy(int), t["head"].to_numpy(int)] = t[value].to_numpy(float)
     return m
-
-
-def heatmap(table, value: str = "frequency", *, ax=None, title: str | None = None, cmap: str | None = None,
-            annotate_top: int = 0):
-    """A layer x head heatmap of ``value`` (matplotlib); returns the Axes."""
-    import matplotlib.pyplot as plt
-
-    m = head_matrix(table, value)
-    if ax is None:
-        _, ax = plt.subplots(figsize=(max(3.0, 0.45 * m.shape[1] + 1.5), max(3.0, 0.22 * m.shape[0] + 1)))
-    diverging = "difference" in value
-    finite = m[np.isfinite(m)]
-    if diverging:
-        lim = float(np.abs(finite).max()) if finite.size else 1.0
-        im = ax.imshow(m, aspect="auto", cmap=cmap or "RdBu_r", vmin=-lim or -1, vmax=lim or 1, origin="lower")
-    else:
-        im = ax.imshow(np.where(np.isfinite(m), m, np.nan), aspect="auto", cmap=cmap or "viridis", origin="lower")
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(m.shape[1]))
-    ax.set_title(title or value)
-    ax.figure.colorbar(im, ax=ax, fraction=0.05)
-    if annotate_top:
-        flat = np.where(np.isfinite(m), m, -np.inf).reshape(-1)
-        for k in np.argsort(-flat)[:annotate_top]:
-            ax.text(k % m.shape[1], k // m.shape[1], "*", ha="center", va="center", color="red")
-    return ax
-
-
-def plot_overview(source, *, tau: float | None = None, mode: str | None = None):
-    """A figure: importance frequency, weighted importance, previous-token score, FFN bars."""
-    import matplotlib.pyplot as plt
-
-    imp = importance(source, tau=tau, mode=mode)
-    try:
-        prev = previous_token(source, tau=tau, mode=mode)
-    except (ValueError, TypeError):
-        prev = None
-    n = 4 if prev is not None else 3
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 5.5))
-    heatmap(imp, "frequency", ax=axes[0], title="importance frequency")
-    heatmap(imp, "weighted", ax=axes[1], title="contribution-weighted")
-    if prev is not None:
-        heatmap(prev, "prev_token", ax=axes[2], title="previous-token score", cmap="magma")
-    ffn = imp[imp.kind == "ffn"]
-    ax = axes[-1]
-    ax.barh(ffn["layer"], ffn["frequency"], color="lightgray", label="frequency")
-    ax.barh(ffn["layer"], ffn["weighted"], color="tab:blue", label="weighted")
-    ax.set_xlabel("FFN importance")
-    ax.set_ylabel("layer")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
-def panel(results: "Results | str", *, tau: float | None = None, mode: str | None = None):
-    """The stored-results view: statistics heatmaps, tables, and the route of a chosen prompt."""
-    import matplotlib.pyplot as plt
-    import panel as pn
-
-    res = results if isinstance(results, Results) else Results(results)
-    fig = plot_overview(res, tau=tau, mode=mode)
-    plt.close(fig)
-    imp = importance(res, tau=tau, mode=mode)
-    heads = imp[imp.kind == "head"].sort_values("weighted", ascending=False).head(20)
-    try:
-        prev = previous_token(res, tau=tau, mode=mode).sort_values("prev_token", ascending=False).head(20)
-    except (ValueError, TypeError):
-        prev = None
-    prompts = res.table()
-    options = {f"{r['index']}: {str(r['prompt'])[:60]}": int(r["index"]) for _, r in prompts.iterrows()}
-    select = pn.widgets.Select(name="prompt", options=options)
-    m = res.manifest
-
-    def route_table(index):
-        g = res.graph(index)
-        t = m.get("options", {}).get("tau", 0.04) if tau is None else tau
-        import pandas as pd
-
-        return pn.pane.DataFrame(pd.DataFrame(g.route(t, mode or m.get("options", {}).get("mode", "renormalize"))
-                                              .records()), max_rows=40)
-
-    header = pn.pane.Markdown(
-        f"### {res.path.name}: {m.get('model')} ({len(res)} prompts, {len(res.failed)} failed, "
-        f"status {m.get('status')})")
-    return pn.Column(
-        header, pn.pane.Matplotlib(fig, tight=True, dpi=80),
-        pn.Row(pn.Column("#### heads by weighted importance", pn.pane.DataFrame(heads, index=False)),
-               *([pn.Column("#### previous-token heads", pn.pane.DataFrame(prev, index=False))] if prev is not None else [])),
-        select, pn.bind(route_table, select),
-    )

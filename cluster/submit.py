@@ -3,7 +3,7 @@
 ``submit(dataset, results, address=...)`` starts ``python -m routescope run-job ...`` as a Ray job
 (the driver then places the pipeline's stage actors on the cluster) and returns a ``JobHandle``
 with ``status()``, ``logs()``, ``wait()``, ``watch()`` (a progress bar read from the results
-directory), ``cancel()``, ``results()`` and ``viewer()``.
+directory), ``cancel()`` and ``results()``.
 
 ``address`` is the cluster's dashboard (Job Submission) address, ``http://HOST:8265``; default
 ``$RAY_ADDRESS`` when it is an http address, else ``http://127.0.0.1:8265``. The dataset and
@@ -15,6 +15,7 @@ or ``~/.ray/auth_token`` (or pass ``token=``) and sent as an ``Authorization: Be
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -23,7 +24,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .jobs import JobSpec, done_indexes, read_dataset
+from routescope.workers.schema import DEFAULT_MODEL
+
+from .datasets import read_dataset
+from .jobs import JobSpec, spec_from_args
+from .results import Results, done_indexes
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -188,15 +193,9 @@ class JobHandle:
         finally:
             bar.close()
 
-    def results(self):
-        """The results so far (``stats.Results``: graphs, summaries, statistics)."""
-        from .stats import Results
-
+    def results(self) -> Results:
+        """The results so far (statistics over them: ``cluster.stats``)."""
         return Results(self.results_path)
-
-    def viewer(self, **kw):
-        """The stored-results view (a Panel layout) of this job's results."""
-        return self.results().viewer(**kw)
 
 
 def submit_job_spec(spec: JobSpec, *, address: str | None = None, token: str | None = None,
@@ -233,7 +232,7 @@ def submit_job_spec(spec: JobSpec, *, address: str | None = None, token: str | N
     return JobHandle(job_id, address_, spec.results, tok, total=len(dataset.records))
 
 
-def submit(dataset: str | os.PathLike, results: str | os.PathLike, *, model: str = "smollm2-135m",
+def submit(dataset: str | os.PathLike, results: str | os.PathLike, *, model: str = DEFAULT_MODEL,
            address: str | None = None, wait: bool = False, token: str | None = None,
            runtime_env: dict[str, Any] | None = None, pip: list[str] | None = None, python: str | None = None,
            submission_id: str | None = None, pipeline_address: str | None = None, **options: Any) -> JobHandle:
@@ -244,8 +243,6 @@ def submit(dataset: str | os.PathLike, results: str | os.PathLike, *, model: str
     ``prepend_bos``, ``in_flight``, ... ``pipeline_address`` is where the job's driver places
     the stage actors (default ``"auto"``: the job's own cluster).
     """
-    import dataclasses
-
     names = {f.name for f in dataclasses.fields(JobSpec)} - {"dataset", "results", "model", "address"}
     unknown = set(options) - names
     if unknown:
@@ -256,3 +253,17 @@ def submit(dataset: str | os.PathLike, results: str | os.PathLike, *, model: str
     if wait:
         handle.wait(show_logs=True)
     return handle
+
+
+def main(args: Any) -> int:
+    """``routescope submit``: submit the job; with ``--wait``, stream its logs until it ends."""
+    spec = spec_from_args(args)
+    address = args.address
+    spec.address = None  # the job's driver places the stage actors on its own cluster ("auto")
+    handle = submit_job_spec(spec, address=address)
+    print(f"submitted job {handle.job_id} to {handle.address}; results in {spec.results}", flush=True)
+    if getattr(args, "wait", False):
+        status = handle.wait(show_logs=True)
+        print(f"job {handle.job_id}: {status}")
+        return 0 if status == "SUCCEEDED" else 1
+    return 0

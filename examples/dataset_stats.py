@@ -50,6 +50,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import routescope
     from routescope.cluster import stats
+    from routescope.viewer.stats_view import plot_overview
 
     work = Path(args.work)
     t0 = time.time()
@@ -67,10 +68,10 @@ def main() -> None:
                                   in_flight=8, progress=True)
     elapsed = time.time() - t0
 
-    imp = prose.importance()
+    imp = stats.importance(prose)
     heads = imp[imp.kind == "head"]
     ffn = imp[imp.kind == "ffn"]
-    prev = prose.previous_token()
+    prev = stats.previous_token(prose)
     cmp_ = stats.compare(code, prose, labels=("code", "prose"))
     n_pred = int(heads.n_predictions.iloc[0])
     always = heads[heads.frequency == 1.0]
@@ -84,7 +85,7 @@ def main() -> None:
     nonzero = heads[heads.frequency > 0]
     top_prev = prev.sort_values("prev_token", ascending=False).head(5)
 
-    fig = stats.plot_overview(prose)
+    fig = plot_overview(prose)
     Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.figure, dpi=80)
 
@@ -109,8 +110,8 @@ def main() -> None:
         "## Definitions (cluster/stats.py)",
         "",
         "* **importance frequency** of head (l, h): share of predictions where some part `c_attn[t, s, h]` of layer l "
-        "exceeds tau and its target node `A{l}_t` is on the prediction's route (SPEC section 8). FFN l: `c_ffn[t] > tau` "
-        "with `M{l}_t` on the route.",
+        "exceeds tau and that part's edge `src(l, s) -> A{l}_t` is on the prediction's route (SPEC section 8). "
+        "FFN l: its edge `M{l}_t -> I{l}_t` is on the route (so `c_ffn[t] > tau`).",
         "* **contribution-weighted importance** (`weighted`): route flow through the component, averaged over "
         "predictions. Flow 1 starts at the output node and is split down the route in proportion to the (renormalised) "
         "edge weights; a head collects `flow(A{l}_t) * w(part)` over its parts above tau. In renormalize mode one "

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import pytest
 
 import routescope
+from routescope.cluster import stats
 from routescope.workers.edgeset import EdgeSetError
 
 EXE = str(Path(sys.executable).with_name("routescope"))
@@ -88,7 +89,7 @@ API: list[tuple[str, Callable[[Ctx], Any], type, str]] = [
     ("tau NaN", lambda c: c.graph.route(tau=NAN), ValueError, "tau: nan must be a number in (0, 1)"),
     ("target past the end", lambda c: c.graph.route(targets=[8]), ValueError, "target: position 8 outside [0, 7]"),
     ("negative target", lambda c: c.graph.route(targets=[-1]), ValueError, "target: position -1 outside [0, 7]"),
-    ("node past the last layer", lambda c: c.graph.top_tokens("I4_0"), ValueError, "layer 4 outside [0, 3]"),
+    ("node past the last layer", lambda c: c.graph.live.top_tokens("I4_0"), ValueError, "layer 4 outside [0, 3]"),
     ("unknown model name", lambda c: routescope.load("no-such-model-xyz"), ValueError,
      "model: unknown model 'no-such-model-xyz' (not embedded (smollm2-135m), not a local path"),
     ("model path that does not exist", lambda c: routescope.load("./missing/dir"), ValueError,
@@ -194,5 +195,5 @@ def test_corrupted_result_is_reported_by_name_and_the_rest_loads(ctx, unchanged,
         res.edges(1)
     assert res.edges(0).n_tokens == 8 and res.edges(2).n_tokens > 0
     with pytest.warns(UserWarning, match=re.escape(str(bad))):
-        table = res.importance()
+        table = stats.importance(res)
     assert table is not None

@@ -64,7 +64,7 @@ def check_consistent(results: Path, reference) -> int:
     assert res.problems() == {}
     for i in res.indexes:
         es = res.edges(i)
-        assert es.extra["prompt"] == prompts()[i]
+        assert es.trace.prompt == prompts()[i]
         # the job traces in other batches than the reference: float32 rounding differs (edge_compare)
         assert_edge_sets_close(es, reference[i])
     return len(res.indexes)

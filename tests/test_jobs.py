@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 import routescope
-from routescope.cluster import jobs
-from routescope.cluster.stats import Results
+from routescope.cluster import datasets, jobs, stats
+from routescope.cluster.results import Results, done_indexes
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -46,7 +46,7 @@ def assert_same(a, b, atol: float = 2e-4) -> None:
     """Two edge sets of one prompt hold the same contributions (up to float noise; a part that
     sits on the tau_min boundary may be stored by one run and not the other)."""
     assert a.n_tokens == b.n_tokens and a.n_layers == b.n_layers
-    assert list(a.extra["token_ids"]) == list(b.extra["token_ids"])
+    assert list(a.trace.token_ids) == list(b.trace.token_ids)
     for name in ("res_attn", "ffn", "res_ffn"):
         np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=atol, err_msg=name)
     for group, key in (("head", ("layer", "target", "source", "head")), ("edge", ("layer", "target", "source"))):
@@ -67,7 +67,7 @@ def assert_same(a, b, atol: float = 2e-4) -> None:
 def test_read_text_jsonl_csv(tmp_path):
     p = tmp_path / "d.txt"
     p.write_bytes(b"first prompt\n\nthird \xff line\n" + b"x" * 50 + b"\nlast\r\n")
-    d = jobs.read_dataset(p, max_chars=40)
+    d = datasets.read_dataset(p, max_chars=40)
     assert [(r.index, r.line) for r in d.records] == [(0, 1), (2, 3), (3, 4), (4, 5)]
     assert d.records[0].text == "first prompt" and d.records[3].text == "last"
     assert d.records[1].error == "line 3: not valid UTF-8 (byte 6)" and d.records[1].text is None
@@ -76,28 +76,50 @@ def test_read_text_jsonl_csv(tmp_path):
 
     j = tmp_path / "d.jsonl"
     j.write_text('{"prompt": "a b c"}\n{"text": "x"}\nnot json\n\n{"prompt": "tab\\u0007"}\n')
-    d = jobs.read_dataset(j)
+    d = datasets.read_dataset(j)
     assert d.format == "jsonl" and d.records[0].text == "a b c"
     assert "no text field 'prompt'" in d.records[1].error and "not valid JSON" in d.records[2].error
     assert "control character U+0007" in d.records[3].error and d.records[3].index == 4
 
     c = tmp_path / "d.csv"
     c.write_text('id,text\n1,"hello, world"\n2,\n3,"multi\nline"\n')
-    d = jobs.read_dataset(c, column="text")
+    d = datasets.read_dataset(c, column="text")
     assert [r.text for r in d.records] == ["hello, world", None, "multi\nline"]
     assert "empty 'text'" in d.records[1].error
     with pytest.raises(ValueError, match="no column 'prompt'"):
-        jobs.read_dataset(c)
+        datasets.read_dataset(c)
+
+
+def test_read_json_array_and_nesting(tmp_path):
+    j = tmp_path / "d.json"
+    j.write_text('[\n  {"prompt": "one"},\n  "two",\n\n  {"prompt": ["x"]},\n  7\n]\n')
+    d = datasets.read_dataset(j)
+    assert d.format == "json" and [(r.index, r.line) for r in d.records] == [(0, 2), (1, 3), (2, 5), (3, 6)]
+    assert [r.text for r in d.records] == ["one", "two", None, None]
+    assert d.records[2].error == "item 3 (line 5): field 'prompt' is an array, not text"
+    assert d.records[3].error == "item 4 (line 6): a number, not a JSON object or text"
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('"a JSON string is a prompt too"\n' + "[" * 100_000 + "\n")
+    d = datasets.read_dataset(deep)
+    assert d.records[0].text == "a JSON string is a prompt too"
+    assert d.records[1].error == "line 2: JSON nested too deeply"
+    for text, msg in (("[" * 100_000, "JSON nested too deeply"), ('{"prompt": "x"}', "array of records, not an object"),
+                      ('["a" "b"]', "not valid JSON"), ("[]", "holds no prompts")):
+        j.write_text(text)
+        with pytest.raises(ValueError, match=msg):
+            datasets.read_dataset(j)
+    with pytest.raises(ValueError, match="dataset format: 'yaml' is not one of text, jsonl, json, csv"):
+        datasets.read_dataset(j, format="yaml")
 
 
 def test_missing_and_empty_datasets(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        jobs.read_dataset(tmp_path / "nope.txt")
+        datasets.read_dataset(tmp_path / "nope.txt")
     (tmp_path / "empty.txt").write_text("\n  \n\n")
     with pytest.raises(ValueError, match="holds no prompts"):
-        jobs.read_dataset(tmp_path / "empty.txt")
+        datasets.read_dataset(tmp_path / "empty.txt")
     with pytest.raises(ValueError, match="not a file"):
-        jobs.read_dataset(tmp_path)
+        datasets.read_dataset(tmp_path)
 
 
 def test_cli_errors_before_any_model_load(tmp_path, capsys):
@@ -159,23 +181,23 @@ def test_run_job_in_process(tmp_path, pipe, reference):
     m = res.manifest
     assert m["status"] == "complete" and m["counts"] == {"records": 6, "done": 6, "failed": 0, "pending": 0}
     assert m["routescope_version"] == routescope.__version__ and m["model"] == "smollm2-135m"
-    assert m["dataset"]["sha256"] == jobs.read_dataset(data).sha256
+    assert m["dataset"]["sha256"] == datasets.read_dataset(data).sha256
     assert len(m["weights"]["fingerprint"]) == 16 and m["options"]["positions"] == "all"
     assert m["options"]["tau"] == 0.05 and m["model_info"]["n_layers"] == 30
     assert json.loads((tmp_path / "r" / "failed.json").read_text()) == []
     for i in range(6):
         e = res.edges(i)
         assert_same(e, reference[i])
-        assert e.extra["prompt"] == PROMPTS[i] and e.extra["job"]["index"] == i
-        assert e.extra["summary"]["targets"] == list(range(e.n_tokens))
-        assert e.extra["attention"]["count"] == e.n_tokens - 2
-        assert e.extra["prediction"][0]["token"]
-    imp = res.importance()
+        assert e.trace.prompt == PROMPTS[i] and e.trace.job.index == i
+        assert e.trace.summary["targets"] == list(range(e.n_tokens))
+        assert e.trace.attention["count"] == e.n_tokens - 2
+        assert e.trace.prediction[0]["token"]
+    imp = stats.importance(res)
     assert imp.n_predictions.iloc[0] == sum(res.edges(i).n_tokens for i in range(6))
     # stored summaries equal a recomputation from the edge sets
-    again = res.importance(tau=0.05, mode="renormalize", positions="all")
+    again = stats.importance(res, tau=0.05, mode="renormalize", positions="all")
     np.testing.assert_allclose(imp.frequency, again.frequency)
-    prev = res.previous_token()
+    prev = stats.previous_token(res)
     assert prev["prev_token"].between(0, 1).all() and len(prev) == 30 * 9
     assert res.graph(0).route(0.05).records()
 
@@ -185,7 +207,7 @@ def test_previous_token_fast_path_matches_attention_maps(pipe):
     fast = jobs.previous_token_sums(g, bos_sink=True)
     t = np.arange(2, g.n_tokens)
     for layer, head in ((0, 0), (3, 4), (29, 8)):
-        p, _ = g.attention_maps(layer, head)  # the public (slow) detail query
+        p, _ = g.live.attention_maps(layer, head)  # the public (slow) detail query
         assert fast["prev_sum"][layer][head] == pytest.approx(float(p[t, t - 1].sum()), abs=1e-6)
         assert fast["nonsink_sum"][layer][head] == pytest.approx(float(p[t, 1:].sum()), rel=1e-5)
 
@@ -211,7 +233,7 @@ def test_resume_after_crash_in_process(tmp_path, pipe, reference):
     results = tmp_path / "r"
     with pytest.raises(SystemExit):
         routescope.run_job(data, results, pipeline=Crashing(pipe, 2), in_flight=2)
-    assert jobs.done_indexes(results) == {0, 1}
+    assert done_indexes(results) == {0, 1}
     assert json.loads((results / "manifest.json").read_text())["status"] == "running"
     before = {p.name: p.read_bytes() for p in (results / "prompts").iterdir()}
     res = routescope.run_job(data, results, pipeline=pipe, in_flight=3)
@@ -343,12 +365,12 @@ def test_ray_job_killed_and_resubmitted(ray_head, dataset20, ray_job_results, tm
     results = tmp_path / "results"
     handle = routescope.submit(dataset20, results, address=ray_head, stages=2, in_flight=2, throttle_s=1.5)
     deadline = time.monotonic() + 240
-    while len(jobs.done_indexes(results)) < 4:
+    while len(done_indexes(results)) < 4:
         assert handle.status() not in ("FAILED", "SUCCEEDED"), handle.logs()[-3000:]
         assert time.monotonic() < deadline, handle.logs()[-3000:]
         time.sleep(0.2)
     assert handle.cancel(timeout=60) == "STOPPED"
-    n_killed = len(jobs.done_indexes(results))
+    n_killed = len(done_indexes(results))
     assert 4 <= n_killed < 20
     # resubmit from the command line, waiting for the end
     out = subprocess.run([sys.executable, "-m", "routescope", "submit", "--address", ray_head, "--dataset",
@@ -363,8 +385,8 @@ def test_ray_job_killed_and_resubmitted(ray_head, dataset20, ray_job_results, tm
     uninterrupted = ray_job_results[0].results()
     for i in range(20):
         assert_same(res.edges(i), uninterrupted.edges(i))
-        assert res.edges(i).extra["summary"] == uninterrupted.edges(i).extra["summary"] or np.allclose(
-            res.edges(i).extra["summary"]["head_flow"], uninterrupted.edges(i).extra["summary"]["head_flow"], atol=1e-4)
+        assert res.edges(i).trace.summary == uninterrupted.edges(i).trace.summary or np.allclose(
+            res.edges(i).trace.summary["head_flow"], uninterrupted.edges(i).trace.summary["head_flow"], atol=1e-4)
 
 
 def test_notebook_runs_end_to_end(ray_head, tmp_path):

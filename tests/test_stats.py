@@ -10,9 +10,10 @@ import pytest
 from routescope.cluster.jobs import previous_token_sums
 from routescope.cluster.stats import Summary, compare, head_matrix, importance, prediction_summary, previous_token
 from routescope.workers.edgeset import EdgeSet
+from routescope.workers.schema import TraceMeta
 
 
-def make_edgeset(extra=None) -> EdgeSet:
+def make_edgeset(trace: TraceMeta | None = None) -> EdgeSet:
     """L=2 layers, H=2 heads, T=3 tokens, sequential blocks; every node's parts sum to 1.
 
     layer 1: t=2: (s2,h0) .5, (s1,h1) .3, (s0,h1) .05, res .15 | t=1: (s0,h0) .9, res .1 | t=0: (s0,h1) .5, res .5
@@ -34,7 +35,7 @@ def make_edgeset(extra=None) -> EdgeSet:
         tau_min=0.01, head_layer=col(parts, 0), head_target=col(parts, 1), head_source=col(parts, 2),
         head_head=col(parts, 3), head_weight=col(parts, 4), edge_layer=col(e, 0), edge_target=col(e, 1),
         edge_source=col(e, 2), edge_weight=col(e, 3), res_attn=[[.8, .3, .4], [.5, .1, .15]], ffn=ffn,
-        res_ffn=1 - ffn, extra=dict(extra or {}),
+        res_ffn=1 - ffn, trace=trace or TraceMeta(),
     ).validate()
 
 
@@ -70,21 +71,27 @@ def test_summary_all_positions_by_hand():
 
 
 def test_summary_agrees_with_routes():
-    """A head is important iff one of its parts > tau targets an A node with a route edge into it."""
+    """SPEC 8: "a component (head (l, h), or FFN l) is important for a prediction when its part
+    exceeds tau on that prediction's route": a part > tau whose own attention edge
+    (layer, target, source) is an edge of the route (an FFN: its edge M{l}_t -> I{l}_t)."""
     from routescope.cluster.graph import FlowGraph
-    from routescope.cluster.routes import ATTN
+    from routescope.cluster.routes import ATTN, FFN_OUT
 
     es = make_edgeset()
-    for tau in (0.04, 0.1, 0.35):
-        for t in range(3):
-            r = FlowGraph(es).route(tau, "renormalize", [t])
-            on = {(int(l), int(d)) for l, d, k in zip(r.layer, r.target, r.kind) if k in (ATTN, 1)}
-            want = np.zeros((2, 2), bool)
-            for l, tt, h, w in zip(es.head_layer, es.head_target, es.head_head, es.head_weight):
-                if w > tau and (int(l), int(tt)) in on:
-                    want[l, h] = True
-            got = prediction_summary(es, tau, "renormalize", [t]).head_important[0]
-            assert got.tolist() == want.tolist(), (tau, t)
+    for mode in ("renormalize", "plain"):
+        for tau in (0.04, 0.1, 0.35):
+            for t in range(3):
+                r = FlowGraph(es).route(tau, mode, [t])
+                on = {(int(l), int(d), int(s)) for l, d, s, k in zip(r.layer, r.target, r.source, r.kind) if k == ATTN}
+                want = np.zeros((2, 2), bool)
+                for l, tt, ss, h, w in zip(es.head_layer, es.head_target, es.head_source, es.head_head, es.head_weight):
+                    if w > tau and (int(l), int(tt), int(ss)) in on:
+                        want[l, h] = True
+                got = prediction_summary(es, tau, mode, [t])
+                assert got.head_important[0].tolist() == want.tolist(), (mode, tau, t)
+                ffn = np.zeros(2, bool)
+                ffn[r.layer[r.kind == FFN_OUT]] = True
+                assert got.ffn_important[0].tolist() == ffn.tolist(), (mode, tau, t)
 
 
 def test_summary_roundtrip_and_tau_check():
@@ -145,8 +152,7 @@ class FakeGraph:
     def __init__(self, patterns: np.ndarray):
         self.patterns = patterns  # [L, H, T, T]
         self.n_layers, self.n_heads, self.n_tokens = patterns.shape[:3]
-        self.backend = None
-        self.run_id = None
+        self.is_live = False
 
     def attention_maps(self, layer, head):
         return self.patterns[layer, head], None
@@ -179,7 +185,7 @@ def test_previous_token_scores_by_hand():
         return EdgeSet(model="hand", n_layers=1, n_heads=2, n_tokens=1, layer_start=0, layer_stop=1, parallel=False,
                        norm="l1", tau_min=0.01, head_layer=[0], head_target=[0], head_source=[0], head_head=[0],
                        head_weight=[0.7], edge_layer=[0], edge_target=[0], edge_source=[0], edge_weight=[0.7],
-                       res_attn=[[0.3]], ffn=[[0.5]], res_ffn=[[0.5]], extra={"attention": att})
+                       res_attn=[[0.3]], ffn=[[0.5]], res_ffn=[[0.5]], trace=TraceMeta(attention=att))
 
     t = previous_token([es_with(s1), es_with(s2)]).set_index("component")
     assert t.loc["L0H0", "prev_token"] == pytest.approx((1.4 + 0.1) / 3)
@@ -203,7 +209,7 @@ def test_heatmap_and_overview(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from routescope.cluster.stats import heatmap
+    from routescope.viewer.stats_view import heatmap, plot_overview
 
     t = importance([make_edgeset(), make_edgeset()])
     ax = heatmap(t, "weighted", annotate_top=2)
@@ -211,3 +217,7 @@ def test_heatmap_and_overview(tmp_path):
     c = compare([make_edgeset()], [make_edgeset()])
     ax = heatmap(c, "difference")
     assert ax.images
+    fig = plot_overview([make_edgeset()])  # no attention sums: no previous-token panel
+    titles = [a.get_title() for a in fig.axes]
+    assert "importance frequency" in titles and "contribution-weighted" in titles
+    assert "previous-token score" not in titles
