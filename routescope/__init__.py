@@ -105,7 +105,7 @@ def run_job(dataset, results, **options: Any):
 
 
 def open_results(path):
-    """Open a results directory of a dataset job (``routescope.cluster.stats.Results``)."""
-    from routescope.cluster.stats import Results
+    """Open a results directory of a dataset job (``routescope.cluster.results.Results``)."""
+    from routescope.cluster.results import Results
 
     return Results(path)
