@@ -118,6 +118,7 @@ def test_layout_and_hit_test(smollm2):
 
 def test_head_importance(smollm2, tmp_path):
     from routescope.cluster.graph import FlowGraph
+    from routescope.cluster.stats import prediction_summary
     from routescope.viewer.plot import head_importance
 
     gs = [smollm2.trace(p) for p in ("Hello world", "One two")]
@@ -127,10 +128,59 @@ def test_head_importance(smollm2, tmp_path):
     # loaded graphs give the same answer
     paths = [g.save(tmp_path / f"{i}.msgpack") for i, g in enumerate(gs)]
     assert np.array_equal(head_importance([FlowGraph.load(p) for p in paths], 0.04), imp)
+    # one definition (SPEC 8, cluster.stats): the share of graphs whose last-position summary marks the head
+    for mode in ("renormalize", "plain"):
+        want = np.mean([prediction_summary(g.edges, 0.04, mode).head_important[0] for g in gs], axis=0)
+        assert np.array_equal(head_importance(gs, 0.04, mode), want), mode
+
+
+# ------------------------------------------------------------------------------- datasets (cluster.datasets)
+def test_list_datasets_never_offers_results(tmp_path):
+    from routescope.viewer.config import list_datasets
+
+    root = tmp_path / "data"
+    (root / "job").mkdir(parents=True)
+    for name, text in (("manifest.json", "{}"), ("failed.json", "[]"), ("notes.txt", "a note\n")):
+        (root / "job" / name).write_text(text)
+    (root / "prompts.txt").write_text("a\n")
+    (root / "sub").mkdir()
+    (root / "sub" / "p.tsv").write_text("prompt\tid\nx\t1\n")
+    assert list_datasets([root]) == [("data", "prompts.txt"), ("data", "sub/p.tsv")]
+    assert list_datasets([root / "job"]) == []  # a results directory configured as a data dir
+
+
+def test_unreadable_datasets_are_reported_per_file(tmp_path):
+    from routescope.viewer.config import ViewerConfig, list_datasets
+
+    root = tmp_path / "data"
+    root.mkdir()
+    files = {
+        "nocol.csv": ("text\nhello\n", "dataset nocol.csv: no column 'prompt'"),
+        "scalar.json": ("5", "dataset scalar.json: a .json dataset is an array of records, not a number"),
+        "object.json": ('{"prompt": "x"}', "dataset object.json: a .json dataset is an array of records, not an object"),
+        "deep.json": ("[" * 100_000 + "]" * 100_000, "dataset deep.json: JSON nested too deeply"),
+        "deep.jsonl": ('{"a": ' * 100_000 + "1" + "}" * 100_000 + "\n",
+                       "dataset deep.jsonl holds no usable prompts (line 1: JSON nested too deeply)"),
+        "nofield.jsonl": ('{"text": "x"}\n', "dataset nofield.jsonl holds no usable prompts (line 1: no text field 'prompt')"),
+        "broken.json": ('["a", ', "dataset broken.json: not valid JSON"),
+    }
+    for name, (text, _) in files.items():
+        (root / name).write_text(text)
+    (root / "good.json").write_text('[{"prompt": "first"},\n "second", {"prompt": 3}, [["x"]]]')
+    listed = {rel for _, rel in list_datasets([root])}
+    assert listed == set(files) | {"good.json"}
+    for name, (_, msg) in files.items():
+        with pytest.raises(ValueError) as err:
+            read_prompts(root, name)
+        assert str(err.value).startswith(msg), (name, str(err.value))
+    assert read_prompts(root, "good.json") == ["first", "second"]
+    app = _app(ViewerConfig(data_dirs=[root], prompts=["configured"], demo_mode=True))
+    assert app.allowed_prompts() == {"configured", "first", "second"}  # the bad files cost nothing else
 
 
 # ------------------------------------------------------------------------------- registry
 def test_registry_bounds_and_reload():
+    from routescope.cluster.pipelines import PipelineCache
     from routescope.viewer.models import LRUBytes, ModelRegistry
 
     calls = []
@@ -139,7 +189,7 @@ def test_registry_bounds_and_reload():
         calls.append((spec, device, dtype))
         return SimpleNamespace(info=SimpleNamespace(n_params=1000))
 
-    reg = ModelRegistry(model_cache_bytes=9_000, loader=loader)
+    reg = ModelRegistry(pipeline_cache=PipelineCache(max_bytes=9_000), loader=loader)
     a = reg.get("m", "cpu", "float32")
     assert reg.get("m", "cpu", "float32") is a and len(calls) == 1
     b = reg.get("m", "cpu", "bfloat16")  # a precision switch really reloads

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from routescope import DEFAULT_MODEL
+from routescope.cluster.datasets import FORMATS, read_dataset
+from routescope.cluster.results import MANIFEST, is_results_dir
+from routescope.workers.schema import DEFAULT_MODEL, DTYPES
 
 BACKENDS = ("canvas", "webgl", "svg")
-DTYPES = ("float32", "float16", "bfloat16")
-DATASET_SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
 
 
 class ConfigError(ValueError):
@@ -219,52 +219,40 @@ def find_root(roots: list[Path], name: str) -> Path:
 
 
 def list_datasets(data_dirs: list[Path]) -> list[tuple[str, str]]:
-    """``(data_dir_name, relative_file)`` of every prompt file directly in (or one level below) a data dir."""
+    """``(data_dir_name, relative_file)`` of every dataset file (a suffix of
+    ``cluster.datasets.FORMATS``) directly in, or one level below, a data directory.
+
+    Only names are listed (a file's contents are read when it is picked, ``read_prompts``). The
+    files of a job's results directory are never offered, nor symlinks that point out.
+    """
     out = []
     for root in data_dirs:
-        if not root.is_dir():
+        if not root.is_dir() or is_results_dir(root):
             continue
         for p in sorted(list(root.glob("*")) + list(root.glob("*/*"))):
-            if p.suffix.lower() in DATASET_SUFFIXES and p.is_file():
-                rel = p.relative_to(root).as_posix()
-                try:
-                    safe_path(root, rel)
-                except UnsafePathError:
-                    continue  # a symlink pointing out: not offered
-                if p.name != "manifest.json":
-                    out.append((root.name, rel))
+            if p.suffix.lower() not in FORMATS or p.name == MANIFEST:
+                continue
+            rel = p.relative_to(root).as_posix()
+            try:
+                if not p.is_file() or is_results_dir(p.parent):
+                    continue
+                safe_path(root, rel)
+            except (UnsafePathError, OSError):  # pointing out, or not ours to read: not offered
+                continue
+            out.append((root.name, rel))
     return out
 
 
 def read_prompts(root: Path, relative: str, column: str = "prompt", limit: int = 10_000) -> list[str]:
-    """Prompts of a dataset file inside ``root`` (txt: one a line; jsonl/json/csv: ``column``)."""
-    path = safe_path(root, relative)
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset {relative!r} does not exist")
-    suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8", errors="replace")
-    prompts: list[str] = []
-    if suffix == ".txt":
-        prompts = [line for line in text.splitlines() if line.strip()]
-    elif suffix == ".jsonl":
-        for i, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise ValueError(f"dataset {relative!r}: line {i + 1} is not JSON") from None
-                prompts.append(row[column] if isinstance(row, dict) else str(row))
-    elif suffix == ".json":
-        rows = json.loads(text)
-        prompts = [r[column] if isinstance(r, dict) else str(r) for r in rows]
-    elif suffix == ".csv":
-        import csv
-        import io
+    """The usable prompts (at most ``limit``) of the dataset file ``relative`` inside ``root``,
+    read by ``cluster.datasets.read_dataset``.
 
-        reader = csv.DictReader(io.StringIO(text))
-        if column not in (reader.fieldnames or []):
-            raise ValueError(f"dataset {relative!r}: no column {column!r}")
-        prompts = [row[column] for row in reader]
-    else:
-        raise ValueError(f"dataset {relative!r}: unsupported file type")
-    return [str(p) for p in prompts[:limit]]
+    A file that cannot be read (missing column, a JSON document that is not an array of records,
+    JSON nested too deeply, no usable prompt) raises ``ValueError`` naming the file and the
+    problem; a missing file ``FileNotFoundError``. Unusable records are left out.
+    """
+    dataset = read_dataset(safe_path(root, relative), column, name=relative)
+    prompts = [r.text for r in dataset.valid[:limit]]
+    if not prompts:
+        raise ValueError(f"dataset {relative} holds no usable prompts ({dataset.records[0].error})")
+    return prompts
