@@ -10,17 +10,18 @@ of a layer at once; the only Python loop is over layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Iterable
 
 import numpy as np
 
 from routescope.workers.edgeset import EdgeSet
+from routescope.workers.schema import (ATTN, FFN_IN, FFN_OUT, KIND_NAMES, MODES, RES_ATTN, RES_FFN, Mode,
+                                       check_choice, node_names, parse_node, residual_node, source_node,
+                                       source_nodes, target_node, target_nodes)
 
-Mode = Literal["renormalize", "plain"]
-MODES = ("renormalize", "plain")
-# Edge kinds (SPEC section 5).
-ATTN, RES_ATTN, FFN_IN, FFN_OUT, RES_FFN = range(5)
-KIND_NAMES = ("attn", "res_attn", "ffn_in", "ffn_out", "res_ffn")
+__all__ = ["ATTN", "RES_ATTN", "FFN_IN", "FFN_OUT", "RES_FFN", "KIND_NAMES", "MODES", "Mode", "Edges",
+           "parse_node", "residual_node", "source_node", "target_node", "check_tau", "threshold", "route",
+           "parse_targets", "check_targets"]
 
 
 @dataclass
@@ -41,11 +42,19 @@ class Edges:
         return Edges(self.kind[mask], self.layer[mask], self.source[mask], self.target[mask], self.weight[mask],
                      self.parallel)
 
+    def source_nodes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(node kind, layer, position)`` integer columns of the edges' source nodes."""
+        code, layer = source_nodes(self.kind, self.layer, self.parallel)
+        return code, layer, np.asarray(self.source, np.int64)
+
+    def target_nodes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(node kind, layer, position)`` integer columns of the edges' target nodes."""
+        code, layer = target_nodes(self.kind, self.layer, self.parallel)
+        return code, layer, np.asarray(self.target, np.int64)
+
     def node_names(self) -> tuple[list[str], list[str]]:
         """``(sources, targets)`` as SPEC node names, e.g. ``("I3_2", "A4_5")``."""
-        src = [source_node(int(k), int(l), int(s), self.parallel) for k, l, s in zip(self.kind, self.layer, self.source)]
-        dst = [target_node(int(k), int(l), int(t), self.parallel) for k, l, t in zip(self.kind, self.layer, self.target)]
-        return src, dst
+        return node_names(*self.source_nodes()), node_names(*self.target_nodes())
 
     def records(self) -> list[dict]:
         """One dict per edge (for JSON export and display)."""
@@ -54,40 +63,6 @@ class Edges:
             {"source": s, "target": d, "weight": float(w), "kind": KIND_NAMES[int(k)], "layer": int(l)}
             for s, d, w, k, l in zip(src, dst, self.weight, self.kind, self.layer)
         ]
-
-
-def residual_node(layer: int, pos: int) -> str:
-    """The residual entering layer ``layer`` at ``pos``: ``X0_pos`` or ``I{layer-1}_pos``."""
-    return f"X0_{pos}" if layer == 0 else f"I{layer - 1}_{pos}"
-
-
-def source_node(kind: int, layer: int, pos: int, parallel: bool) -> str:
-    if kind in (ATTN, RES_ATTN) or (kind == FFN_IN and parallel):
-        return residual_node(layer, pos)
-    if kind == FFN_OUT:
-        return f"M{layer}_{pos}"
-    return f"A{layer}_{pos}"  # FFN_IN and RES_FFN of sequential blocks
-
-
-def target_node(kind: int, layer: int, pos: int, parallel: bool) -> str:
-    if kind in (ATTN, RES_ATTN):
-        return f"I{layer}_{pos}" if parallel else f"A{layer}_{pos}"
-    if kind == FFN_IN:
-        return f"M{layer}_{pos}"
-    return f"I{layer}_{pos}"
-
-
-def parse_node(name: str) -> tuple[str, int, int]:
-    """``"A4_5"`` -> ``("A", 4, 5)``; raises ``ValueError`` naming the problem."""
-    import re
-
-    m = re.fullmatch(r"([XAMI])(\d+)_(\d+)", name.strip()) if isinstance(name, str) else None
-    if not m:
-        raise ValueError(f"node: {name!r} is not a node name like X0_3, A4_5, M4_5 or I4_5")
-    kind, layer, pos = m.group(1), int(m.group(2)), int(m.group(3))
-    if kind == "X" and layer != 0:
-        raise ValueError(f"node: {name!r}: the embedding node is X0_<pos>")
-    return kind, layer, pos
 
 
 def check_tau(tau: float, tau_min: float) -> float:
@@ -148,8 +123,7 @@ def renormalized_parts(es: EdgeSet, tau: float) -> RenormalizedParts:
 def threshold(es: EdgeSet, tau: float, mode: Mode = "renormalize") -> Edges:
     """Every edge of the graph that survives ``tau`` in ``mode`` (SPEC section 6)."""
     tau = check_tau(tau, es.tau_min)
-    if mode not in MODES:
-        raise ValueError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
+    check_choice("mode", mode, MODES)
     n_layers, n_tok = es.layer_stop - es.layer_start, es.n_tokens
     res_attn, ffn, res_ffn = es.res_attn, es.ffn, es.res_ffn
     layer_idx = np.broadcast_to(np.arange(es.layer_start, es.layer_stop)[:, None], (n_layers, n_tok))
