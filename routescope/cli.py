@@ -124,10 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from routescope.cluster.bench import main as bench_main
 
             return bench_main(args)
-        if args.command in ("submit", "run-job"):
-            from routescope.cluster.jobs import main as jobs_main
+        if args.command == "run-job":
+            from routescope.cluster.jobs import main as run_job_main
 
-            return jobs_main(args)
+            return run_job_main(args)
+        if args.command == "submit":
+            from routescope.cluster.submit import main as submit_main
+
+            return submit_main(args)
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as exc:
         print(f"routescope {args.command}: error: {exc}", file=sys.stderr)
         return 2

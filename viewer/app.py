@@ -26,8 +26,8 @@ import numpy as np
 import panel as pn
 import param
 
-from routescope.cluster.routes import (ATTN, FFN_IN, FFN_OUT, RES_ATTN, RES_FFN, check_targets, check_tau,
-                                       parse_node, parse_targets)
+from routescope.cluster.routes import check_targets, check_tau, parse_targets
+from routescope.workers.schema import parse_node
 
 from .config import (UnsafePathError, ViewerConfig, find_root, list_datasets, read_prompts, safe_path)
 from .models import ModelRegistry
@@ -789,7 +789,11 @@ class ViewerApp:
             self.show_error(f"Results: none of the {len(files)} graphs could be read (corrupt files?)")
             return
         tau = float(self.w_tau.value)
-        imp = head_importance(graphs, tau, self._mode())
+        try:
+            imp = head_importance(graphs, tau, self._mode())
+        except ValueError as exc:  # graphs of models of different shapes in one folder
+            self.show_error(f"Results: {exc}")
+            return
         self._stored["importance"] = imp
         fig = heatmap_figure(imp.T, f"Head importance over {len(graphs)} prompts (tau {tau:.3f})", "layer", "head",
                              "rs-importance", palette="Viridis256", height=260, width=420)

@@ -212,7 +212,11 @@ def _v1_trace(extra: Any) -> Any:
     if not isinstance(extra, dict):
         return extra
     known = {f.name for f in fields(TraceMeta)}
-    return {k: v for k, v in extra.items() if k in known}
+    out = {k: v for k, v in extra.items() if k in known}
+    job = out.get("job")
+    if isinstance(job, dict) and job.get("job_id") is None:  # in-process jobs wrote no id
+        out["job"] = {**job, "job_id": ""}
+    return out
 
 
 def _get(doc: Any, key: str) -> Any:
