@@ -92,7 +92,7 @@ def correction_is_exact_with_kernel() -> None:
         pattern = pattern / pattern.sum(-1, keepdim=True)
         acts = contributions.LayerActivations(
             resid_pre=torch.randn(T, d_model, generator=gen), resid_mid=y, resid_post=y,
-            attn_out=torch.zeros(T, d_model), mlp_out=torch.zeros(T, d_model),
+            mlp_out=torch.zeros(T, d_model),
             v=torch.randn(T, H, dh, generator=gen), pattern=pattern,
             W_O=torch.randn(H, dh, d_model, generator=gen) * 0.3)
         got = contributions.attention_proximity_chunk(acts, 0, T, "l1").double()

@@ -212,7 +212,7 @@ def _random_layer(d_model: int, T: int = 24, H: int = 3, dh: int = 8):
     pattern = pattern / pattern.sum(-1, keepdim=True)
     return LayerActivations(
         resid_pre=torch.randn(T, d_model, generator=gen), resid_mid=y, resid_post=y,
-        attn_out=torch.zeros(T, d_model), mlp_out=torch.zeros(T, d_model),
+        mlp_out=torch.zeros(T, d_model),
         v=torch.randn(T, H, dh, generator=gen), pattern=pattern, W_O=torch.randn(H, dh, d_model, generator=gen) * 0.3,
     )
 
@@ -220,7 +220,8 @@ def _random_layer(d_model: int, T: int = 24, H: int = 3, dh: int = 8):
 def test_unfused_bound_runs_in_blocks_of_targets_within_the_budget():
     """The unfused candidate search splits a chunk's targets into blocks its bound tensor fits (a
     chunk sized for the kernels is too large for it) and finds exactly the same corrections."""
-    from routescope.workers.contributions import MIN_CHUNK_TARGETS, attention_proximity_chunk
+    from routescope.workers.contributions import attention_proximity_chunk
+    from routescope.workers.exact_l1 import MIN_CHUNK_TARGETS
 
     acts = _random_layer(100, T=150)
     whole = attention_proximity_chunk(acts, 0, 150, "l1", chunk_bytes=2**30)
@@ -263,7 +264,8 @@ def test_l1_correction_bound_is_exact_with_partial_coordinate_groups(d_model, ma
     Real models hit this (Llama-2-13B d=5120, OPT-30B d=7168); the tiny models and SmolLM2 do not.
     Peaked attention and ``|a u_i|`` of the order of ``|y_i|`` put many bounds close to 1.
     """
-    from routescope.workers.contributions import L1Bounds, attention_proximity_chunk, head_outputs
+    from routescope.workers.contributions import attention_proximity_chunk
+    from routescope.workers.exact_l1 import L1Bounds, head_outputs
 
     acts = _random_layer(d_model)
     y, pattern, T = acts.resid_mid, acts.pattern, acts.resid_mid.shape[0]
@@ -285,7 +287,7 @@ def test_l1_correction_bound_is_exact_with_partial_coordinate_groups(d_model, ma
 def test_fused_bound_test_matches_eager_and_leaves_its_input():
     """The ``torch.compile`` version of the L1 candidate test (used on GPUs) selects exactly what
     the eager one selects, over ranges that hit the underflow floor, and does not touch ``total``."""
-    from routescope.workers.contributions import _bound_exceeds, _bound_exceeds_fused
+    from routescope.workers.exact_l1 import _bound_exceeds, _bound_exceeds_fused
 
     gen = torch.Generator().manual_seed(3)
     G, S, H, C, dg = 3, 20, 4, 7, 72

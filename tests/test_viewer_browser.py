@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("playwright")
 pytest.importorskip("panel")
 
-from browser_util import (DEEP, deep_eval, clear_edge, click_data, detail, edge_count, error_text, launch, px_per_unit, rows,
+from browser_util import (DEEP, clear_edge, click_data, detail, edge_count, error_text, launch, px_per_unit, rows,
                           start_server, status, stop_server, wait_for, wait_idle)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

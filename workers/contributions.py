@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from . import exact_l1
+from .schema import Norm
 from .exact_l1 import MIN_CHUNK_TARGETS, L1Bounds, expand_kv
-from .exact_l1 import _bound_exceeds, _bound_exceeds_fused, head_outputs  # noqa: F401 (tests import them from here)
 
 EPS = 1e-5
-Norm = Literal["l1", "l2"]
 DEFAULT_CHUNK_BYTES = 16 * 2**20  # CPU: cache-sized chunks win; GPUs take larger (see Stage)
 
 
@@ -41,7 +39,6 @@ class LayerActivations:
     resid_pre: torch.Tensor  # [T, d]
     resid_mid: torch.Tensor | None  # [T, d]
     resid_post: torch.Tensor  # [T, d]
-    attn_out: torch.Tensor  # [T, d], includes b_O
     mlp_out: torch.Tensor  # [T, d]
     v: torch.Tensor  # [T, H_kv, d_head], includes b_V
     pattern: torch.Tensor  # [H, T, T]
@@ -233,13 +230,6 @@ def target_head_contributions(acts: LayerActivations, t: int, norm: Norm = "l1")
     """Dense ``c_attn[t, :t+1, :]`` of one target, fp32 ``[t+1, H]`` (head detail view)."""
     c_attn, _, _ = attention_contributions_chunk(acts, t, t + 1, norm)
     return c_attn[:, 0, :].T
-
-
-def head_contribution_map(acts: LayerActivations, head: int, norm: Norm = "l1") -> torch.Tensor:
-    """Dense ``c_attn[:, :, head]``, fp32 ``[T, T]`` (zeros above the diagonal)."""
-    n = acts.resid_pre.shape[0]
-    c_attn, _, _ = attention_contributions_chunk(acts, 0, n, norm)
-    return c_attn[head]
 
 
 def neuron_contributions(

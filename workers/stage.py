@@ -390,7 +390,6 @@ class Stage:
             resid_pre=acts["hook_resid_pre"],
             resid_mid=acts.get("hook_resid_mid"),
             resid_post=acts["hook_resid_post"],
-            attn_out=acts["hook_attn_out"],
             mlp_out=acts["hook_mlp_out"],
             v=acts["attn.hook_v"],
             pattern=acts["attn.hook_pattern"],
