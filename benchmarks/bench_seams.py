@@ -332,6 +332,7 @@ def child(side: str, root: Path, n_tokens: int, budget_s: int) -> int:
     finally:
         signal.alarm(0)
     res["wall_s"] = time.perf_counter() - t_start
+    res["load_avg_end"] = os.getloadavg()[0]  # others' work on the machine shows here: times are then unreliable
     print(RESULT_TAG + json.dumps(res))
     return 0 if res.get("ok") else 1
 
@@ -630,8 +631,8 @@ def main() -> int:
     print(f"\nbench_seams: {MODEL}, {args.tokens}-token prompt, 2-stage local Ray pipeline for the clicks "
           f"(residual node I{RESIDUAL_LAYER}_<last>); {os.cpu_count()} cores")
     for side, res in results.items():
-        print(f"  {side}: {res.get('api', '?')}; layout {res.get('ray_layout', '?')}; load average at start "
-              f"{res.get('load_avg', float('nan')):.2f}; {res.get('subprocess_s', 0):.0f} s; trace runs "
+        print(f"  {side}: {res.get('api', '?')}; layout {res.get('ray_layout', '?')}; load average "
+              f"{res.get('load_avg', float('nan')):.2f} at start, {res.get('load_avg_end', float('nan')):.2f} at the end; {res.get('subprocess_s', 0):.0f} s; trace runs "
               f"{len(res.get('trace_all_s') or [])}; clicks timed "
               + "/".join(str((res.get("latency") or {}).get(k, {}).get("n", 0)) for k in ("residual", "edge", "ffn"))
               + ("" if res.get("ok") else f"; FAILED (figures up to the failure kept): {res.get('error')}"))
