@@ -76,7 +76,9 @@ class StageActorImpl:
     def detail(self, method: str, *args: Any) -> Any:
         """Answer one typed detail question (``details.StageDetails``); other names are refused."""
         result = getattr(self.stage, check_detail_method(method))(*args)
-        return _host(result)
+        # A row of a cached activation is a view of the whole [T, d] tensor, and Ray serialises a
+        # view's whole storage: answers travel as compact copies.
+        return _host(result).clone() if isinstance(result, torch.Tensor) else result
 
 
 def _host(x: Any) -> Any:

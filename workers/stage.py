@@ -29,7 +29,7 @@ from .contributions import (
     neuron_contributions,
     target_head_contributions,
 )
-from . import kernels
+from . import kernels, support
 from .details import Component, TokenExtremes, TokenRanking
 from .edgeset import EdgeSet
 from .schema import ModelInfo, Node, canonical_dtype
@@ -192,6 +192,21 @@ class Stage:
             for name in _HOOKS:
                 if f"blocks.{i}.{name}" in hooks:
                     self.bridge.add_hook(f"blocks.{i}.{name}", partial(self._on_hook, i, name), is_permanent=True)
+        self.softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
+        self._check_decomposition()
+
+    def _check_decomposition(self) -> None:
+        """Refuse the model unless its readings add up on a probe (``support.check_decomposition``)."""
+        x = support.probe_inputs(self.info.d_vocab, self.info.d_model, self.first, self.device, self.dtype)
+        arch = type(self.hf_model).__name__
+
+        def check(i: int, layer: dict[str, torch.Tensor]) -> None:
+            acts = self._slice(layer, 0, x.shape[1])
+            support.check_decomposition(arch, self.start + i, acts, self.W_O[i], self.W_out[i], self.parallel,
+                                        self.dtype)
+
+        with self._lock, torch.inference_mode():
+            self._run(x, [x.shape[1]], check)
 
     # ----------------------------------------------------------------------------- loading
     def _build_hf_model(self, config):
@@ -208,6 +223,7 @@ class Stage:
         stage_config._attn_implementation = "eager"
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(stage_config, attn_implementation="eager")
+        support.check_architecture(config, model)  # before any weight is read
         tied = bool(getattr(config, "tie_word_embeddings", False))
         embed_name = _module_name(model, model.get_input_embeddings())
         unembed_name = _module_name(model, model.get_output_embeddings())
@@ -526,7 +542,10 @@ class Stage:
             x = vectors.to(self.device, self.dtype)[None]
             if normalize:
                 x = self.bridge.ln_final(x)
-            return self.bridge.unembed(x)[0].float()
+            logits = self.bridge.unembed(x)[0].float()
+            if self.softcap:  # Gemma-2 caps its final logits: read them as the model does
+                logits = self.softcap * torch.tanh(logits / self.softcap)
+            return logits
 
     def rank_tokens(self, vector: torch.Tensor, previous: torch.Tensor | None = None, k: int = 10,
                     normalize: bool = True) -> TokenRanking:
