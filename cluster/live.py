@@ -100,13 +100,15 @@ class LiveRun:
         return out
 
     def promoted(self, what: str, layer: int, pos: int, *, head: int | None = None, source: int | None = None,
-                 neuron: int | None = None, k: int = 10, normalize: bool = False) -> dict[str, list[dict[str, Any]]]:
+                 neuron: int | None = None, expert: int | None = None, k: int = 10,
+                 normalize: bool = False) -> dict[str, list[dict[str, Any]]]:
         """Tokens a block, head, edge or neuron promotes (largest logits) and suppresses (smallest).
 
         ``what``: ``attn_out`` | ``mlp_out`` | ``block`` (everything layer ``layer`` added) |
         ``head`` | ``edge`` | ``neuron`` (see ``details.Component``).
         """
-        comp = Component(what, self._layer(layer), self._pos(pos), head=head, source=source, neuron=neuron)
+        comp = Component(what, self._layer(layer), self._pos(pos), head=head, source=source, neuron=neuron,
+                         expert=expert)
 
         def ask() -> TokenExtremes:
             vec = self._owner(comp.layer).component_vector(self.run_id, comp, lazy=True)
@@ -150,7 +152,15 @@ class LiveRun:
         layer = self._layer(layer)
         return self._ask(lambda: self._owner(layer).attention_patterns(self.run_id, layer))
 
-    def neurons(self, layer: int, pos: int, k: int = 20) -> list[dict[str, float]]:
-        """Neurons of ``M{layer}_{pos}`` ranked by contribution."""
+    def neurons(self, layer: int, pos: int, k: int = 20, expert: int | None = None) -> list[dict[str, float]]:
+        """Neurons of ``M{layer}_{pos}`` ranked by contribution (MoE blocks: of routed ``expert``,
+        default the one with the largest gate)."""
         layer, pos = self._layer(layer), self._pos(pos)
-        return self._ask(lambda: self._owner(layer).neurons(self.run_id, layer, pos, k, self.norm))
+        return self._ask(lambda: self._owner(layer).neurons(self.run_id, layer, pos, k, self.norm, expert))
+
+    def experts(self, layer: int, pos: int) -> dict[str, Any]:
+        """An MoE block ``M{layer}_{pos}`` (SPEC 4b): ``router`` (weights over all experts),
+        ``routed`` (expert, gate, contribution), ``shared`` and ``residual`` contributions to
+        ``I{layer}_{pos}``; answered by the stage that holds the layer."""
+        layer, pos = self._layer(layer), self._pos(pos)
+        return self._ask(lambda: self._owner(layer).experts(self.run_id, layer, pos, self.norm))

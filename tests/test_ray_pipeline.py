@@ -356,3 +356,28 @@ def test_clients_expose_the_same_typed_detail_methods_and_refuse_others(tiny_loc
     with pytest.raises(ValueError, match="is not one of"):  # the actor checks on its own side too
         ray.get(remote.actor.detail.remote("forward", None, [1], None, "l1", 0.01))
     assert local.parameter_bytes() > 0 and remote.parameter_bytes() > 0
+
+
+def test_mixtral_in_two_ray_stages_equals_in_process(ray_local, tmp_path):
+    """A mixture-of-experts model (SPEC 4b) split over two stage actors: same contributions and
+    routes as in-process, and each layer's expert detail answered by the actor holding it."""
+    from moe_models import build_moe_model
+
+    path = str(build_moe_model("mixtral", tmp_path / "mixtral"))
+    local = Pipeline.local(path)
+    pipe = ray_pipeline(path, layers="0-1,2-3", cpus_per_stage=CPUS, timeout_s=60)
+    try:
+        prompt = "The capital of France is Paris and the river"
+        gl, gr = local.trace(prompt), pipe.trace(prompt)
+        assert_same_contributions(gl, gr)
+        assert_same_routes(gl, gr)
+        last = gl.n_tokens - 1
+        for layer in (1, 3):  # one per actor
+            a, b = gl.live.experts(layer, last), gr.live.experts(layer, last)
+            assert [r["expert"] for r in a["routed"]] == [r["expert"] for r in b["routed"]]
+            np.testing.assert_allclose([r["contribution"] for r in a["routed"]],
+                                       [r["contribution"] for r in b["routed"]], atol=FLOAT32_ATOL)
+            np.testing.assert_allclose(a["router"], b["router"], atol=FLOAT32_ATOL)
+        assert gr.live.prediction()[0]["id"] == gl.live.prediction()[0]["id"]
+    finally:
+        pipe.close()

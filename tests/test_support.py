@@ -25,9 +25,6 @@ def _configs(vocab: int) -> dict:
     return {
         "gemma2": T.Gemma2Config(intermediate_size=64, num_key_value_heads=2, head_dim=8, **common),
         "olmo2": T.Olmo2Config(intermediate_size=64, **common),
-        "mixtral": T.MixtralConfig(intermediate_size=64, num_key_value_heads=2, num_local_experts=4, **common),
-        "qwen2_moe": T.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=16, num_experts=4,
-                                      shared_expert_intermediate_size=32, num_key_value_heads=2, **common),
         "falcon_new": T.FalconConfig(num_kv_heads=2, new_decoder_architecture=True, **common),
         "opt_post_ln": T.OPTConfig(ffn_dim=64, do_layer_norm_before=False, word_embed_proj_dim=16, **common),
     }
@@ -36,8 +33,6 @@ def _configs(vocab: int) -> dict:
 REASONS = {
     "gemma2": "Gemma2ForCausalLM: norms on the attention and FFN outputs inside each block",
     "olmo2": "Olmo2ForCausalLM: norms on the attention and FFN outputs inside each block",
-    "mixtral": "MixtralForCausalLM: mixture-of-experts FFN blocks (SPEC 4b) are not supported yet",
-    "qwen2_moe": "Qwen2MoeForCausalLM: mixture-of-experts FFN blocks (SPEC 4b) are not supported yet",
     "falcon_new": "FalconForCausalLM: Falcon's new decoder layout (new_decoder_architecture=True)",
     "opt_post_ln": "OPTForCausalLM: post-LN blocks (do_layer_norm_before=False, SPEC 4a)",
 }

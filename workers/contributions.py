@@ -240,9 +240,12 @@ def neuron_contributions(
     ``resid_mid``/``resid_post`` are ``[d]``, ``post`` is ``[d_ff]``, ``W_out`` is ``[d_ff, d]``.
     Returns fp32 ``[d_ff + 1]``: neurons then the residual.
     """
-    y = resid_post.float()
     parts = post.float()[:, None] * W_out.float()  # [d_ff, d]: one position only, small
-    prox = proximity(y.expand_as(parts), parts, norm)
-    prox_res = proximity(y[None], resid_mid.float()[None], norm)
-    prox = torch.cat([prox, prox_res])
+    return part_contributions(resid_post, torch.cat([parts, resid_mid.float()[None]]), norm)
+
+
+def part_contributions(whole: torch.Tensor, parts: torch.Tensor, norm: Norm = "l1") -> torch.Tensor:
+    """SPEC 2 for one whole ``[d]`` and its ``[n, d]`` parts: fp32 ``[n]`` summing to 1."""
+    y = whole.float()
+    prox = proximity(y.expand_as(parts), parts.float(), norm)
     return prox / prox.sum()

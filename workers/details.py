@@ -36,6 +36,7 @@ class Component:
     head: int | None = None
     source: int | None = None
     neuron: int | None = None
+    expert: int | None = None  # MoE blocks: the routed expert a neuron belongs to (None: largest gate)
 
     def __post_init__(self) -> None:
         if self.kind not in COMPONENT_KINDS:
@@ -94,8 +95,12 @@ class StageDetails(Protocol):
     def attention_patterns(self, run_id: str, layer: int) -> np.ndarray:
         """Every head's attention pattern of one layer, ``[H, T, T]``."""
 
-    def neurons(self, run_id: str, layer: int, pos: int, k: int, norm: Norm) -> list[dict[str, float]]:
-        """The ``k`` FFN neurons of ``(layer, pos)`` with the largest contributions."""
+    def neurons(self, run_id: str, layer: int, pos: int, k: int, norm: Norm, expert: int | None
+                ) -> list[dict[str, float]]:
+        """The ``k`` FFN neurons of ``(layer, pos)`` with the largest contributions (MoE: of ``expert``)."""
+
+    def experts(self, run_id: str, layer: int, pos: int, norm: Norm) -> dict[str, Any]:
+        """An MoE block at ``(layer, pos)``: router weights, routed/shared experts' contributions."""
 
     def has_run(self, run_id: str) -> bool:
         """Whether the run's activations are still cached here."""

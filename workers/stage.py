@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, resolve
+from .conversion import CheckpointMapping
 from .contributions import (
     DEFAULT_CHUNK_BYTES,
     LayerActivations,
@@ -27,10 +28,12 @@ from .contributions import (
     attention_contributions_chunk,
     layer_contributions,
     neuron_contributions,
+    part_contributions,
     target_head_contributions,
 )
 from . import kernels, support
 from .details import Component, TokenExtremes, TokenRanking
+from .moe import expert_activations, expert_down, expert_parts, is_moe, moe_block
 from .edgeset import EdgeSet
 from .schema import ModelInfo, Node, canonical_dtype
 
@@ -57,28 +60,6 @@ def _layer_key(name: str) -> tuple[str, int, str] | None:
     """Split ``prefix.<i>.rest`` of a transformer-layer tensor name, if it is one."""
     m = re.match(r"^(.*?(?:layers|\.h|blocks))\.(\d+)\.(.+)$", name)
     return (m.group(1), int(m.group(2)), m.group(3)) if m else None
-
-
-def _checkpoint_renamer(model: torch.nn.Module):
-    """Hugging Face's own checkpoint-to-model key renamings for this architecture (plain renames)."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
-
-        rules = [
-            (re.compile(r.source_patterns[0]), r.target_patterns[0])
-            for r in get_model_conversion_mapping(model, add_legacy=False)
-            if type(r) is WeightRenaming and len(r.source_patterns) == 1
-        ]
-    except ImportError:  # older transformers: checkpoints already use model names
-        rules = []
-
-    def rename(name: str) -> str:
-        for pattern, target in rules:
-            name = pattern.sub(target, name)
-        return name
-
-    return rename
 
 
 def _module_name(model: torch.nn.Module, module: torch.nn.Module | None) -> str | None:
@@ -175,11 +156,15 @@ class Stage:
         self.bridge.eval()
         hooks = self.bridge.hook_dict
         self.parallel = "blocks.0.hook_resid_mid" not in hooks
-        missing = [h for h in _HOOKS if f"blocks.0.{h}" not in hooks and h != "hook_resid_mid"]
+        # MoE blocks have no single W_out: their detail is read from the block input (workers.moe).
+        self.moe_blocks = _moe_blocks(self.hf_model) if is_moe(config) else None
+        self.hook_names = _HOOKS if self.moe_blocks is None else \
+            tuple(h for h in _HOOKS if h != "mlp.hook_post") + ("mlp.hook_in",)
+        missing = [h for h in self.hook_names if f"blocks.0.{h}" not in hooks and h != "hook_resid_mid"]
         if missing:
             raise NotImplementedError(f"{type(self.hf_model).__name__}: bridge lacks hook points {missing}")
         self.W_O = self.bridge.W_O.detach()  # [n, H, dh, d]
-        self.W_out = self.bridge.W_out.detach()  # [n, d_ff, d]
+        self.W_out = None if self.moe_blocks is not None else self.bridge.W_out.detach()  # [n, d_ff, d]
         self.info = self._model_info(config)
         self.store = ActivationStore(cache_bytes)
         self.recomputed_batches = 0  # batches computed again, synced, after a candidate list overflowed
@@ -189,7 +174,7 @@ class Stage:
         # ``_capture``.
         self._capture: Callable[[int, str, torch.Tensor], None] | None = None
         for i in range(stop - start):
-            for name in _HOOKS:
+            for name in self.hook_names:
                 if f"blocks.{i}.{name}" in hooks:
                     self.bridge.add_hook(f"blocks.{i}.{name}", partial(self._on_hook, i, name), is_permanent=True)
         self.softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
@@ -202,11 +187,19 @@ class Stage:
 
         def check(i: int, layer: dict[str, torch.Tensor]) -> None:
             acts = self._slice(layer, 0, x.shape[1])
-            support.check_decomposition(arch, self.start + i, acts, self.W_O[i], self.W_out[i], self.parallel,
-                                        self.dtype)
+            if self.moe_blocks is not None:
+                support.check_moe(arch, self.start + i, acts, self.moe_blocks[i], self.dtype)
+            support.check_decomposition(arch, self.start + i, acts, self.W_O[i],
+                                        None if self.W_out is None else self.W_out[i], self.parallel, self.dtype)
 
         with self._lock, torch.inference_mode():
-            self._run(x, [x.shape[1]], check)
+            try:
+                self._run(x, [x.shape[1]], check)
+            except support.UnsupportedModelError:
+                raise
+            except (RuntimeError, IndexError, ValueError) as exc:  # the model's own forward failed
+                raise ValueError(f"{self.checkpoint.path}: {arch} failed on a {x.shape[1]}-token probe forward "
+                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check its config") from None
 
     # ----------------------------------------------------------------------------- loading
     def _build_hf_model(self, config):
@@ -234,29 +227,33 @@ class Stage:
             model.set_output_embeddings(torch.nn.Linear(d, 1, bias=False, dtype=self.dtype))
 
         weight_map = self.checkpoint.weight_map()
-        rename = _checkpoint_renamer(model)
-        wanted: dict[str, list[str]] = {}  # checkpoint name -> stage model names
+        mapping = CheckpointMapping(model)
+        wanted: dict[str, tuple[str, list[str], str | None]] = {}  # stored -> (renamed, stage names, fused)
         for stored in weight_map:
-            name = rename(stored)
-            layer = _layer_key(name)
+            name = mapping.rename(stored)
+            fused = mapping.merge_target(name)  # per-expert tensors that build one fused model tensor
+            key = fused or name
+            layer = _layer_key(key)
             targets = []
             if layer is not None:
                 prefix, i, rest = layer
                 if self.start <= i < self.stop:
                     targets.append(f"{prefix}.{i - self.start}.{rest}")
-            elif embed_name and name.startswith(embed_name + "."):
+            elif embed_name and key.startswith(embed_name + "."):
                 if self.first:
-                    targets.append(name)
+                    targets.append(key)
                 if self.last and tied and not self.first:
-                    targets.append(unembed_name + name[len(embed_name):])
-            elif unembed_name and name.startswith(unembed_name + "."):
+                    targets.append(unembed_name + key[len(embed_name):])
+            elif unembed_name and key.startswith(unembed_name + "."):
                 if self.last and not (tied and self.first):
-                    targets.append(name)
+                    targets.append(key)
             else:  # final norm, learned positions, projections: small, every stage takes them
-                targets.append(name)
+                targets.append(key)
             if targets:
-                wanted[stored] = targets
+                wanted[stored] = (name, targets, fused)
         state: dict[str, torch.Tensor] = {}
+        to_fuse: dict[str, list[str]] = {}
+        pieces: dict[str, torch.Tensor] = {}
         by_shard: dict[Any, list[str]] = {}
         for name in wanted:
             by_shard.setdefault(weight_map[name], []).append(name)
@@ -264,8 +261,17 @@ class Stage:
             with safe_open(str(shard), "pt", device="cpu") as f:
                 for name in names:
                     tensor = f.get_tensor(name).to(self.dtype)
-                    for target in wanted[name]:
+                    renamed, targets, fused = wanted[name]
+                    if fused is not None:
+                        pieces[renamed] = tensor
+                        to_fuse[fused] = targets
+                        continue
+                    for target in targets:
                         state[target] = tensor
+        for fused, targets in to_fuse.items():
+            tensor = mapping.merged(fused, pieces)
+            for target in targets:
+                state[target] = tensor
         model.load_state_dict(state, strict=False, assign=True)
         if self.first and self.last and tied:  # one matrix serves both ends, as in the checkpoint
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
@@ -292,7 +298,8 @@ class Stage:
             n_kv_heads=n_kv,
             d_model=int(d),
             d_head=int(dh),
-            d_ff=int(self.W_out.shape[1]),
+            d_ff=int(self.W_out.shape[1]) if self.W_out is not None else
+            int(getattr(config, "moe_intermediate_size", None) or config.intermediate_size),
             d_vocab=int(config.vocab_size),
             n_ctx=int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)),
             parallel=self.parallel,
@@ -491,6 +498,10 @@ class Stage:
                 a = acts["attn.hook_pattern"][h, pos, srcs].float()
                 out += ((a[:, None] * v[srcs, h // group]).sum(0) @ self.W_O[i, h].float()).cpu()
             return out
+        if self.moe_blocks is not None:
+            gate, act, W_out = self._expert_neurons(acts, i, pos, c.expert)
+            n = _check_index("neuron", c.neuron, W_out.shape[0])
+            return (gate * act[n] * W_out[n]).float().cpu()
         n = _check_index("neuron", c.neuron, self.W_out.shape[1])
         return (acts["mlp.hook_post"][pos, n].float() * self.W_out[i, n].float()).cpu()
 
@@ -518,20 +529,66 @@ class Stage:
         """Every head's attention pattern of one layer, ``[H, T, T]`` fp32 (dataset statistics)."""
         return self._acts(run_id, layer)["attn.hook_pattern"].float().cpu().numpy()
 
-    def neurons(self, run_id: str, layer: int, pos: int, k: int = 20, norm: Norm = "l1") -> list[dict[str, float]]:
-        """Neurons of the FFN at ``(layer, pos)`` ranked by per-neuron contribution (SPEC 4)."""
+    def neurons(self, run_id: str, layer: int, pos: int, k: int = 20, norm: Norm = "l1",
+                expert: int | None = None) -> list[dict[str, float]]:
+        """Neurons of the FFN at ``(layer, pos)`` ranked by per-neuron contribution (SPEC 4); in an
+        MoE block, the neurons of routed expert ``expert`` (default: the one with the largest gate),
+        each ``gate * act[n] * W_out[n]`` (SPEC 4b)."""
         acts = self._acts(run_id, layer)
         _check_pos(pos, acts["hook_resid_pre"].shape[0])
-        k = _check_k(k, self.W_out.shape[1])
         i = layer - self.start
         post = acts["hook_resid_post"][pos]
-        # Parallel blocks have no resid_mid: everything but the FFN output plays the residual.
-        rest = acts["hook_resid_mid"][pos] if "hook_resid_mid" in acts else post - acts["hook_mlp_out"][pos]
-        c = neuron_contributions(rest, post, acts["mlp.hook_post"][pos], self.W_out[i], norm)
+        if self.moe_blocks is not None:
+            gate, act, W_out = self._expert_neurons(acts, i, pos, expert)
+            scaled = gate * act
+            rest = post - scaled @ W_out  # everything else: residual, other experts, shared expert
+        else:
+            # Parallel blocks have no resid_mid: everything but the FFN output plays the residual.
+            act, scaled, W_out = acts["mlp.hook_post"][pos].float(), acts["mlp.hook_post"][pos], self.W_out[i]
+            rest = acts["hook_resid_mid"][pos] if "hook_resid_mid" in acts else post - acts["hook_mlp_out"][pos]
+        k = _check_k(k, W_out.shape[0])
+        c = neuron_contributions(rest, post, scaled, W_out, norm)
         top = torch.topk(c[:-1], k)
-        act = acts["mlp.hook_post"][pos].float()
         return [{"neuron": int(n), "contribution": float(w), "activation": float(act[n])}
                 for w, n in zip(top.values, top.indices)]
+
+    def experts(self, run_id: str, layer: int, pos: int, norm: Norm = "l1") -> dict[str, Any]:
+        """An MoE block at ``(layer, pos)`` (SPEC 4b): the router's weights over all experts, and the
+        contributions of the routed experts, the shared expert and the residual to ``I{layer}_{pos}``."""
+        if self.moe_blocks is None:
+            raise ValueError(f"layer {layer}: not a mixture-of-experts block")
+        acts = self._acts(run_id, layer)
+        pos = _check_pos(pos, acts["hook_resid_pre"].shape[0])
+        i = layer - self.start
+        parts = expert_parts(self.moe_blocks[i], acts["mlp.hook_in"][pos])
+        vectors = [parts.outputs] + ([] if parts.shared is None else [parts.shared[None]])
+        residual = acts["hook_resid_mid"][pos] if "hook_resid_mid" in acts else \
+            acts["hook_resid_post"][pos] - acts["hook_mlp_out"][pos]
+        c = part_contributions(acts["hook_resid_post"][pos], torch.cat(vectors + [residual[None]]), norm)
+        k = len(parts.experts)
+        return {
+            "router": parts.router_probs.tolist(),
+            "routed": [{"expert": e, "gate": g, "contribution": float(c[j])}
+                       for j, (e, g) in enumerate(zip(parts.experts, parts.gates))],
+            "shared": None if parts.shared is None else {"contribution": float(c[k])},
+            "residual": float(c[-1]),
+        }
+
+    def _expert_neurons(self, acts: dict[str, torch.Tensor], i: int, pos: int, expert: int | None
+                        ) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """``(gate, act [d_e], W_out [d_e, d])`` of a routed expert at ``pos``."""
+        block = self.moe_blocks[i]
+        x = acts["mlp.hook_in"][pos]
+        parts = expert_parts(block, x)
+        if expert is None:
+            expert = parts.experts[max(range(len(parts.gates)), key=parts.gates.__getitem__)]
+        n_experts = int(block.experts.gate_up_proj.shape[0])
+        expert = _check_index("expert", expert, n_experts)
+        if expert not in parts.experts:
+            raise ValueError(f"expert {expert} is not routed at position {pos} (routed: {parts.experts})")
+        with torch.inference_mode():
+            act = expert_activations(block, x, expert).float()
+        return parts.gates[parts.experts.index(expert)], act, expert_down(block, expert).float()
 
     def _logits(self, vectors: torch.Tensor, normalize: bool) -> torch.Tensor:
         if not self.last:
@@ -605,6 +662,18 @@ def _head_contribution_maps(acts: LayerActivations, heads: list[int], norm: Norm
         c_attn, _, _ = attention_contributions_chunk(acts, t0, t1, norm, chunk_bytes=chunk_bytes)
         out[:, t0:t1, :t1] = c_attn[heads].float()
     return out
+
+
+def _moe_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The MoE FFN module of every decoder layer of a stage model."""
+    layers = next(m for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.ModuleList) and n.rsplit(".", 1)[-1] in ("layers", "h", "blocks"))
+    blocks = [moe_block(layer) for layer in layers]
+    if any(b is None for b in blocks):
+        raise support.UnsupportedModelError(
+            f"{type(model).__name__}: a mixture-of-experts model whose FFN blocks are not laid out as a router "
+            "'gate' and fused 'experts' (gate_up_proj, down_proj) in every layer")
+    return blocks
 
 
 def _new_columns() -> dict[str, list]:

@@ -3,12 +3,12 @@
 Two gates, both before anything is traced:
 
 * ``check_architecture(config, model)``: families whose blocks are known not to decompose into the
-  parts of SPEC 3-4 as the stage reads them (mixture-of-experts FFNs, norms inside blocks, post-LN
-  blocks, Falcon's new decoder layout) are refused with the architecture and the reason.
+  parts of SPEC 3-4 as the stage reads them (norms inside blocks, post-LN blocks, Falcon's new
+  decoder layout) are refused with the architecture and the reason.
 * ``check_decomposition(...)``: on a short probe forward, the stage's own readings must add up:
   the attention parts ``pattern * (v @ W_O)`` sum to the attention output up to one constant (the
-  bias) at every position, the FFN's neurons sum to its output up to one constant, and the
-  residual nodes are the sums the graph says they are. Anything that does not is refused too, so
+  bias) at every position, the FFN's neurons (an MoE block's experts) sum to its output up to one
+  constant, and the residual nodes are the sums the graph says they are. Anything that does not is refused too, so
   a family nobody has listed never traces silently wrong numbers.
 """
 
@@ -31,9 +31,6 @@ def _refuse(arch: str, reason: str) -> UnsupportedModelError:
 def check_architecture(config: Any, model: torch.nn.Module) -> None:
     """Refuse families whose blocks routescope does not decompose exactly (``UnsupportedModelError``)."""
     arch = type(model).__name__
-    n_experts = max(int(getattr(config, k, 0) or 0) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
-    if n_experts > 0 or any("experts" in name.rsplit(".", 1)[-1] for name, _ in model.named_modules()):
-        raise _refuse(arch, "mixture-of-experts FFN blocks (SPEC 4b) are not supported yet")
     if any(hasattr(m, "post_feedforward_layernorm") for m in model.modules()):
         raise _refuse(arch, "norms on the attention and FFN outputs inside each block (post/sandwich norms, "
                             "SPEC 4a) are not supported yet")
@@ -53,8 +50,22 @@ def probe_inputs(vocab: int, d_model: int, first: bool, device: torch.device, dt
     return torch.randn(1, n_tokens, d_model, generator=gen).to(device, dtype)
 
 
+def check_moe(arch: str, layer: int, acts: dict[str, torch.Tensor], block: torch.nn.Module,
+              dtype: torch.dtype) -> None:
+    """Refuse an MoE block whose routed and shared experts (``workers.moe``) do not add up to its output."""
+    from .moe import expert_parts
+
+    tol = 2e-3 if dtype == torch.float32 else 5e-2
+    x, out = acts["mlp.hook_in"], acts["hook_mlp_out"]
+    total = torch.stack([expert_parts(block, x[t]).total() for t in range(x.shape[0])])
+    err = float((total.double() - out.double()).abs().max())
+    if err > tol * max(float(out.abs().max()), 1e-6):
+        raise _refuse(arch, f"layer {layer}: the routed and shared experts' outputs do not add up to the "
+                            f"mixture-of-experts block's output (off by {err:.3g}, SPEC 4b)")
+
+
 def check_decomposition(arch: str, layer: int, acts: dict[str, torch.Tensor], W_O: torch.Tensor,
-                        W_out: torch.Tensor, parallel: bool, dtype: torch.dtype) -> None:
+                        W_out: torch.Tensor | None, parallel: bool, dtype: torch.dtype) -> None:
     """Refuse a layer whose captured activations do not add up as SPEC 3-4 reads them."""
     tol = 2e-3 if dtype == torch.float32 else 5e-2
     f = {k: v.double() for k, v in acts.items()}
@@ -72,8 +83,9 @@ def check_decomposition(arch: str, layer: int, acts: dict[str, torch.Tensor], W_
             raise _refuse(arch, f"layer {layer}: {what} (off by {err:.3g}, SPEC 3-4 invariant)")
 
     same_offset("the attention parts pattern * (v @ W_O) do not add up to the attention output", attn, parts)
-    same_offset("the FFN neurons (mlp.hook_post @ W_out) do not add up to the FFN output", mlp,
-                f["mlp.hook_post"] @ W_out.double())
+    if W_out is not None:  # MoE blocks are checked expert by expert (check_moe)
+        same_offset("the FFN neurons (mlp.hook_post @ W_out) do not add up to the FFN output", mlp,
+                    f["mlp.hook_post"] @ W_out.double())
     if parallel:
         err = float((post - pre - attn - mlp).abs().max())
         what = "the layer's output is not its input plus the attention and FFN outputs"
