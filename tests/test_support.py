@@ -31,8 +31,6 @@ def _configs(vocab: int) -> dict:
 
 
 REASONS = {
-    "gemma2": "Gemma2ForCausalLM: norms on the attention and FFN outputs inside each block",
-    "olmo2": "Olmo2ForCausalLM: norms on the attention and FFN outputs inside each block",
     "falcon_new": "FalconForCausalLM: Falcon's new decoder layout (new_decoder_architecture=True)",
     "opt_post_ln": "OPTForCausalLM: post-LN blocks (do_layer_norm_before=False, SPEC 4a)",
 }
@@ -68,10 +66,21 @@ def test_unsupported_architecture_is_refused_with_its_name_and_reason(model_dirs
     ("opt_post_ln", "layer 0: the residual after attention / after the layer is not the sum of its parts"),
 ])
 def test_the_probe_alone_refuses_blocks_whose_parts_do_not_add_up(model_dirs, monkeypatch, name, message):
+    """With the known-family gate off, and for Gemma-2 / OLMo-2 without the linearised norms of
+    SPEC 4a, the probe sees parts that do not add up and refuses."""
+    from routescope.workers import stage
+
     monkeypatch.setattr(support, "check_architecture", lambda config, model: None)
+    monkeypatch.setattr(stage, "_block_norms", lambda model, d_model: None)
     with pytest.raises(support.UnsupportedModelError, match="SPEC|sum of its parts") as err:
         Pipeline.local(Checkpoint(model_dirs[name], name))
     assert message in str(err.value)
+
+
+def test_norms_inside_blocks_pass_the_probe_once_linearised(model_dirs):
+    for name in ("gemma2", "olmo2"):
+        pipe = Pipeline.local(Checkpoint(model_dirs[name], name), layers="0-0,1-1")
+        assert pipe.trace("The capital of France is").n_tokens > 1
 
 
 def test_supported_models_pass_the_probe_on_every_stage(tiny_dirs):

@@ -43,6 +43,9 @@ class LayerActivations:
     v: torch.Tensor  # [T, H_kv, d_head], includes b_V
     pattern: torch.Tensor  # [H, T, T]
     W_O: torch.Tensor  # [H, d_head, d]
+    # A norm applied to the attention output inside the block (SPEC 4a), linearised at its actual
+    # input: the part (s, h) of target t joins the stream as ``attn_scale[t] * part``. None: no norm.
+    attn_scale: torch.Tensor | None = None  # [T, d]
 
     @property
     def parallel(self) -> bool:
@@ -108,24 +111,38 @@ def attention_proximity_chunk(
     a = acts.pattern[:, t0:t1, :t1].float()  # [H, C, S]
     v = expand_kv(acts.v[:t1], n_heads).float().transpose(0, 1)  # [H, S, dh]
     W_O = acts.W_O.float()
+    scale = None if acts.attn_scale is None else acts.attn_scale[t0:t1].float()  # [C, d]
     if norm == "l2":
-        return _l2_proximity(y, a, v, W_O)
+        return _l2_proximity(y, a, v, W_O, scale)
     if bounds is None:
         bounds = L1Bounds.build(acts.v, acts.W_O)
-    return exact_l1.proximity(y, a, v, W_O, t0, bounds, chunk_bytes, dropped)
+    if scale is None:
+        return exact_l1.proximity(y, a, v, W_O, t0, bounds, chunk_bytes, dropped)
+    # ||y - D*a*u||_1 = sum_i |D_i| * |y_i / D_i - a*u_i|: the exact search on y / D, weighted by |D|
+    # (a coordinate with D_i = 0 adds nothing to either side).
+    nonzero = scale != 0
+    y_scaled = torch.where(nonzero, y / torch.where(nonzero, scale, 1.0), 1.0)
+    return exact_l1.proximity(y_scaled, a, v, W_O, t0, bounds, chunk_bytes, dropped, weights=scale.abs())
 
 
-def _l2_proximity(y: torch.Tensor, a: torch.Tensor, v: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
-    """``||y|| - ||y - a u||`` in L2 for ``y`` ``[C, d]``, ``a`` ``[H, C, S]``, ``v`` ``[H, S, dh]``: ``[H, C, S]``."""
-    # <y, u[s,h]> = (y @ W_O[h]^T) . v[s]; ||u[s,h]||^2 = v[s] (W_O W_O^T) v[s]
-    yq = torch.einsum("cd,hed->hce", y, W_O)  # [H, C, dh]
+def _l2_proximity(y: torch.Tensor, a: torch.Tensor, v: torch.Tensor, W_O: torch.Tensor,
+                  scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``||y|| - ||y - a D u||`` in L2 for ``y`` ``[C, d]``, ``a`` ``[H, C, S]``, ``v`` ``[H, S, dh]``,
+    ``D`` = ``scale`` ``[C, d]`` (1 when None): ``[H, C, S]``."""
+    # <y, D u[s,h]> = ((D y) @ W_O[h]^T) . v[s]; ||u[s,h]||^2 = v[s] (W_O W_O^T) v[s], or with D,
+    # sum_i D_i^2 u_i^2 (head outputs squared, times D^2: one matmul)
+    yq = torch.einsum("cd,hed->hce", y if scale is None else y * scale, W_O)  # [H, C, dh]
     dot = yq @ v.transpose(1, 2)  # [H, C, S]
-    gram = W_O @ W_O.transpose(1, 2)  # [H, dh, dh]
-    u_sq = torch.einsum("hse,hef,hsf->hs", v, gram, v)  # [H, S]
+    if scale is None:
+        gram = W_O @ W_O.transpose(1, 2)  # [H, dh, dh]
+        u_sq = torch.einsum("hse,hef,hsf->hs", v, gram, v)[:, None, :]  # [H, 1, S]
+    else:
+        u2 = (v @ W_O).square()  # [H, S, d]
+        u_sq = (u2 @ scale.square().T).transpose(1, 2)  # [H, C, S]
     y_norm = torch.linalg.vector_norm(y, dim=-1)[None, :, None]  # [1, C, 1]
-    rest_sq = (y_norm**2 - 2 * a * dot + a * a * u_sq[:, None, :]).clamp_min(0.0)
+    rest_sq = (y_norm**2 - 2 * a * dot + a * a * u_sq).clamp_min(0.0)
     # ||y|| - ||y - au|| written without cancellation.
-    return (2 * a * dot - a * a * u_sq[:, None, :]) / (y_norm + rest_sq.sqrt()).clamp_min(1e-30)
+    return (2 * a * dot - a * a * u_sq) / (y_norm + rest_sq.sqrt()).clamp_min(1e-30)
 
 
 def attention_contributions_chunk(

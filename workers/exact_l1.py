@@ -150,20 +150,24 @@ def search_bytes(bounds: L1Bounds | None, device: torch.device) -> float:
 
 def proximity(
     y: torch.Tensor, a: torch.Tensor, v: torch.Tensor, W_O: torch.Tensor, first_target: int, bounds: L1Bounds,
-    chunk_bytes: int, dropped: torch.Tensor | None = None,
+    chunk_bytes: int, dropped: torch.Tensor | None = None, weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``||y|| - ||y - a u||`` (before the ``eps`` clamp) for the parts of a chunk of targets: fp32 ``[H, C, S]``.
 
     ``y`` ``[C, d]`` holds the wholes of targets ``first_target..first_target+C-1``, ``a`` ``[H, C, S]`` their
     attention weights over sources ``0..S-1``, ``v`` ``[H, S, dh]`` (kv heads expanded), ``W_O`` ``[H, dh, d]``,
     all fp32. Entries with ``s > t`` are meaningless (callers mask them). ``dropped``: see ``correction``.
+    ``weights`` ``[C, d]`` (>= 0): the L1 norm weighted per target and coordinate,
+    ``sum_i w_i (|y_i| - |y_i - a u_i|)`` (a norm inside the block, linearised: SPEC 4a). The identity
+    and the search are unchanged (overshoots are where ``a |u_i| > |y_i|``); both terms are weighted.
     """
     sign = torch.where(y >= 0, 1.0, -1.0)  # sign(0) = +1, in the main term and the correction alike
-    sign_q = torch.einsum("cd,hed->hce", sign, W_O)  # [H, C, dh]
+    signed = sign if weights is None else sign * weights
+    sign_q = torch.einsum("cd,hed->hce", signed, W_O)  # [H, C, dh]
     prox = a * (sign_q @ v.transpose(1, 2))  # [H, C, S]: a * <sign(y), u>
     causal = torch.ones(a.shape[1], a.shape[2], dtype=torch.bool, device=y.device).tril(first_target)
     a = torch.where(causal, a, 0.0)  # log 0 = -inf: the non-causal half is never a candidate
-    return prox - 2 * correction(bounds, a, y, sign, chunk_bytes, dropped)
+    return prox - 2 * correction(bounds, a, y, sign, chunk_bytes, dropped, weights)
 
 
 def _underflow_floor(dg: int) -> float:
@@ -215,7 +219,7 @@ def _bound_exceeds_fused(*args) -> torch.Tensor:
 
 def correction(
     bounds: L1Bounds, a: torch.Tensor, y: torch.Tensor, sign: torch.Tensor, chunk_bytes: int,
-    dropped: torch.Tensor | None = None,
+    dropped: torch.Tensor | None = None, weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``sum_i relu(a * sign(y_i) * u_i - |y_i|)`` for every part, exactly: fp32 ``[H, C, S]``.
 
@@ -232,6 +236,8 @@ def correction(
     if G * dg > d:  # padding coordinates: |y| = 1 and u = 0 never need correcting
         y = torch.nn.functional.pad(y, (0, G * dg - d), value=1.0)
         sign = torch.nn.functional.pad(sign, (0, G * dg - d), value=1.0)
+        if weights is not None:
+            weights = torch.nn.functional.pad(weights, (0, G * dg - d), value=0.0)
     sign_abs = torch.empty(C, G, 2, dg, device=y.device)
     sign_abs[:, :, 0] = sign.view(C, G, dg)
     y_abs = torch.abs(y.view(C, G, dg), out=sign_abs[:, :, 1])
@@ -244,7 +250,7 @@ def correction(
     z = z.view(G, 2 * dg, C).to(powers.dtype)
     log_a = a.permute(2, 0, 1).log().contiguous()  # [S, H, C]; log 0 = -inf: never a candidate
     log_y = (y_min.log().T - BOUND_SLACK).contiguous()  # [G, C]
-    if kernels.available(y.device):  # matmul, test and list in one kernel, the correction in another
+    if kernels.available(y.device) and weights is None:  # matmul, test and list in one kernel, the correction in another
         try:
             found = kernels.bound_candidates(powers, z, bounds.log_max_abs[:, :S].reshape(G, S * H),
                                              log_a.view(S * H, C), log_y, _underflow_floor(dg), 1.0 / BOUND_POWER,
@@ -258,7 +264,8 @@ def correction(
             kernels.fall_back(exc)
     exceeds = _bound_exceeds_fused if y.is_cuda and _fused_enabled() else _bound_exceeds
     found = _candidates(powers, z, bounds.log_max_abs[:, :S], log_a, log_y, dg, chunk_bytes, exceeds)
-    return _evaluate(found, bounds.rows, sign_abs, a, chunk_bytes)
+    w = None if weights is None else weights.reshape(C * G, dg)
+    return _evaluate(found, bounds.rows, sign_abs, a, chunk_bytes, w)
 
 
 def _candidates(
@@ -283,11 +290,12 @@ def _candidates(
 
 def _evaluate(
     found: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], rows: torch.Tensor, sign_abs: torch.Tensor,
-    a: torch.Tensor, chunk_bytes: int,
+    a: torch.Tensor, chunk_bytes: int, weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The correction of the candidates ``found``, summed per part: fp32 ``[H, C, S]`` (0 elsewhere).
 
-    ``rows`` ``[H, n_sources, G, dg]`` (u), ``sign_abs`` ``[C, G, 2, dg]`` (sign and ``|y|``), ``a`` ``[H, C, S]``.
+    ``rows`` ``[H, n_sources, G, dg]`` (u), ``sign_abs`` ``[C, G, 2, dg]`` (sign and ``|y|``), ``a`` ``[H, C, S]``,
+    ``weights`` ``[C * G, dg]`` or None (see ``proximity``).
     """
     g, s, h, c = found
     H, C, S = a.shape
@@ -301,6 +309,9 @@ def _evaluate(
         part = (hk * C + ck) * S + sk
         u = rows.index_select(0, (hk * n_sources + sk) * G + gk)  # [n, dg]
         ys = sign_abs.view(C * G, 2, dg).index_select(0, ck * G + gk)  # [n, 2, dg]
-        val = u.mul_(a_flat.index_select(0, part)[:, None]).mul_(ys[:, 0]).sub_(ys[:, 1]).clamp_min_(0.0).sum(-1)
+        val = u.mul_(a_flat.index_select(0, part)[:, None]).mul_(ys[:, 0]).sub_(ys[:, 1]).clamp_min_(0.0)
+        if weights is not None:
+            val.mul_(weights.index_select(0, ck * G + gk))
+        val = val.sum(-1)
         corr.index_add_(0, part, val)
     return corr.view(H, C, S)

@@ -33,6 +33,7 @@ from .contributions import (
 )
 from . import kernels, support
 from .details import Component, TokenExtremes, TokenRanking
+from .norms import LinearisedRMSNorm
 from .moe import expert_activations, expert_down, expert_parts, is_moe, moe_block
 from .edgeset import EdgeSet
 from .schema import ModelInfo, Node, canonical_dtype
@@ -158,6 +159,9 @@ class Stage:
         self.parallel = "blocks.0.hook_resid_mid" not in hooks
         # MoE blocks have no single W_out: their detail is read from the block input (workers.moe).
         self.moe_blocks = _moe_blocks(self.hf_model) if is_moe(config) else None
+        # Norms on the attention / FFN outputs inside each block (SPEC 4a): linearised at their input,
+        # which a forward pre-hook on the norm module captures (the bridge has no hook there).
+        self.block_norms = _block_norms(self.hf_model, int(config.hidden_size))
         self.hook_names = _HOOKS if self.moe_blocks is None else \
             tuple(h for h in _HOOKS if h != "mlp.hook_post") + ("mlp.hook_in",)
         missing = [h for h in self.hook_names if f"blocks.0.{h}" not in hooks and h != "hook_resid_mid"]
@@ -177,8 +181,15 @@ class Stage:
             for name in self.hook_names:
                 if f"blocks.{i}.{name}" in hooks:
                     self.bridge.add_hook(f"blocks.{i}.{name}", partial(self._on_hook, i, name), is_permanent=True)
+        for i, norms in enumerate(self.block_norms or []):
+            for name, module in zip(("attn.norm_in", "mlp.norm_in"), norms[2:]):
+                module.register_forward_pre_hook(partial(self._on_norm_input, i, name))
         self.softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
         self._check_decomposition()
+
+    def _on_norm_input(self, i: int, name: str, module: torch.nn.Module, args: tuple) -> None:
+        if self._capture is not None:
+            self._capture(i, name, args[0])
 
     def _check_decomposition(self) -> None:
         """Refuse the model unless its readings add up on a probe (``support.check_decomposition``)."""
@@ -189,8 +200,10 @@ class Stage:
             acts = self._slice(layer, 0, x.shape[1])
             if self.moe_blocks is not None:
                 support.check_moe(arch, self.start + i, acts, self.moe_blocks[i], self.dtype)
+            scales = (None, None) if self.block_norms is None else self._norm_scales(acts, i)
             support.check_decomposition(arch, self.start + i, acts, self.W_O[i],
-                                        None if self.W_out is None else self.W_out[i], self.parallel, self.dtype)
+                                        None if self.W_out is None else self.W_out[i], self.parallel, self.dtype,
+                                        *scales)
 
         with self._lock, torch.inference_mode():
             try:
@@ -408,6 +421,11 @@ class Stage:
                 out[name] = t[b, -n:].contiguous()
         return out
 
+    def _norm_scales(self, acts: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The diagonals of the block's attention and FFN output norms at their inputs, ``[T, d]`` each."""
+        attn_norm, ffn_norm = self.block_norms[i][:2]
+        return attn_norm.scale(acts["attn.norm_in"]), ffn_norm.scale(acts["mlp.norm_in"])
+
     def _layer_acts(self, acts: dict[str, torch.Tensor], i: int) -> LayerActivations:
         return LayerActivations(
             resid_pre=acts["hook_resid_pre"],
@@ -417,6 +435,7 @@ class Stage:
             v=acts["attn.hook_v"],
             pattern=acts["attn.hook_pattern"],
             W_O=self.W_O[i],
+            attn_scale=None if self.block_norms is None else self._norm_scales(acts, i)[0],
         )
 
     def _add_layer(self, cols: dict[str, list], i: int, acts: dict[str, torch.Tensor], norm: Norm,
@@ -497,13 +516,18 @@ class Stage:
             for h in heads:
                 a = acts["attn.hook_pattern"][h, pos, srcs].float()
                 out += ((a[:, None] * v[srcs, h // group]).sum(0) @ self.W_O[i, h].float()).cpu()
+            if self.block_norms is not None:  # the part as it joins the stream (SPEC 4a)
+                out *= self._norm_scales(acts, i)[0][pos].cpu()
             return out
         if self.moe_blocks is not None:
             gate, act, W_out = self._expert_neurons(acts, i, pos, c.expert)
             n = _check_index("neuron", c.neuron, W_out.shape[0])
             return (gate * act[n] * W_out[n]).float().cpu()
         n = _check_index("neuron", c.neuron, self.W_out.shape[1])
-        return (acts["mlp.hook_post"][pos, n].float() * self.W_out[i, n].float()).cpu()
+        vec = acts["mlp.hook_post"][pos, n].float() * self.W_out[i, n].float()
+        if self.block_norms is not None:
+            vec = vec * self._norm_scales(acts, i)[1][pos]
+        return vec.cpu()
 
     def head_contributions(self, run_id: str, layer: int, target: int, norm: Norm = "l1") -> np.ndarray:
         """``c_attn[target, :target+1, :]`` as ``[target+1, H]``."""
@@ -545,6 +569,8 @@ class Stage:
         else:
             # Parallel blocks have no resid_mid: everything but the FFN output plays the residual.
             act, scaled, W_out = acts["mlp.hook_post"][pos].float(), acts["mlp.hook_post"][pos], self.W_out[i]
+            if self.block_norms is not None:  # neurons as they join the stream (SPEC 4a)
+                W_out = W_out.float() * self._norm_scales(acts, i)[1][pos][None, :]
             rest = acts["hook_resid_mid"][pos] if "hook_resid_mid" in acts else post - acts["hook_mlp_out"][pos]
         k = _check_k(k, W_out.shape[0])
         c = neuron_contributions(rest, post, scaled, W_out, norm)
@@ -664,11 +690,30 @@ def _head_contribution_maps(acts: LayerActivations, heads: list[int], norm: Norm
     return out
 
 
+def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return next(m for n, m in model.named_modules()
+                if isinstance(m, torch.nn.ModuleList) and n.rsplit(".", 1)[-1] in ("layers", "h", "blocks"))
+
+
+def _block_norms(model: torch.nn.Module, d_model: int) -> list[tuple] | None:
+    """Per layer ``(attention norm, FFN norm, their modules)`` for blocks that normalise their
+    outputs before the residual (Gemma-2/3, OLMo-2: ``post_feedforward_layernorm`` present), else None."""
+    layers = _decoder_layers(model)
+    if not any(hasattr(layer, "post_feedforward_layernorm") for layer in layers):
+        return None
+    out = []
+    for layer in layers:
+        modules = (layer.post_attention_layernorm, layer.post_feedforward_layernorm)
+        try:
+            out.append(tuple(LinearisedRMSNorm.of(m, d_model) for m in modules) + modules)
+        except NotImplementedError as exc:
+            raise support.UnsupportedModelError(f"{type(model).__name__}: {exc}") from None
+    return out
+
+
 def _moe_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The MoE FFN module of every decoder layer of a stage model."""
-    layers = next(m for n, m in model.named_modules()
-                  if isinstance(m, torch.nn.ModuleList) and n.rsplit(".", 1)[-1] in ("layers", "h", "blocks"))
-    blocks = [moe_block(layer) for layer in layers]
+    blocks = [moe_block(layer) for layer in _decoder_layers(model)]
     if any(b is None for b in blocks):
         raise support.UnsupportedModelError(
             f"{type(model).__name__}: a mixture-of-experts model whose FFN blocks are not laid out as a router "

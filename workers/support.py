@@ -3,8 +3,8 @@
 Two gates, both before anything is traced:
 
 * ``check_architecture(config, model)``: families whose blocks are known not to decompose into the
-  parts of SPEC 3-4 as the stage reads them (norms inside blocks, post-LN blocks, Falcon's new
-  decoder layout) are refused with the architecture and the reason.
+  parts of SPEC 3-4 as the stage reads them (post-LN blocks, Falcon's new decoder layout) are
+  refused with the architecture and the reason.
 * ``check_decomposition(...)``: on a short probe forward, the stage's own readings must add up:
   the attention parts ``pattern * (v @ W_O)`` sum to the attention output up to one constant (the
   bias) at every position, the FFN's neurons (an MoE block's experts) sum to its output up to one
@@ -31,9 +31,6 @@ def _refuse(arch: str, reason: str) -> UnsupportedModelError:
 def check_architecture(config: Any, model: torch.nn.Module) -> None:
     """Refuse families whose blocks routescope does not decompose exactly (``UnsupportedModelError``)."""
     arch = type(model).__name__
-    if any(hasattr(m, "post_feedforward_layernorm") for m in model.modules()):
-        raise _refuse(arch, "norms on the attention and FFN outputs inside each block (post/sandwich norms, "
-                            "SPEC 4a) are not supported yet")
     if getattr(config, "do_layer_norm_before", True) is False:
         raise _refuse(arch, "post-LN blocks (do_layer_norm_before=False, SPEC 4a) are not supported yet")
     if getattr(config, "new_decoder_architecture", False):
@@ -65,7 +62,8 @@ def check_moe(arch: str, layer: int, acts: dict[str, torch.Tensor], block: torch
 
 
 def check_decomposition(arch: str, layer: int, acts: dict[str, torch.Tensor], W_O: torch.Tensor,
-                        W_out: torch.Tensor | None, parallel: bool, dtype: torch.dtype) -> None:
+                        W_out: torch.Tensor | None, parallel: bool, dtype: torch.dtype,
+                        attn_scale: torch.Tensor | None = None, ffn_scale: torch.Tensor | None = None) -> None:
     """Refuse a layer whose captured activations do not add up as SPEC 3-4 reads them."""
     tol = 2e-3 if dtype == torch.float32 else 5e-2
     f = {k: v.double() for k, v in acts.items()}
@@ -74,6 +72,8 @@ def check_decomposition(arch: str, layer: int, acts: dict[str, torch.Tensor], W_
     H = W_O.shape[0]
     v = v.repeat_interleave(H // v.shape[1], dim=1)
     parts = torch.einsum("hts,shd,hde->te", pattern, v, W_O.double())
+    if attn_scale is not None:  # a norm on the attention output, linearised (SPEC 4a)
+        parts = parts * attn_scale.double()
     scale = max(float(attn.abs().max()), float(pre.abs().max()), 1e-6)
 
     def same_offset(what: str, whole: torch.Tensor, summed: torch.Tensor) -> None:
@@ -84,8 +84,9 @@ def check_decomposition(arch: str, layer: int, acts: dict[str, torch.Tensor], W_
 
     same_offset("the attention parts pattern * (v @ W_O) do not add up to the attention output", attn, parts)
     if W_out is not None:  # MoE blocks are checked expert by expert (check_moe)
+        neurons = f["mlp.hook_post"] @ W_out.double()
         same_offset("the FFN neurons (mlp.hook_post @ W_out) do not add up to the FFN output", mlp,
-                    f["mlp.hook_post"] @ W_out.double())
+                    neurons if ffn_scale is None else neurons * ffn_scale.double())
     if parallel:
         err = float((post - pre - attn - mlp).abs().max())
         what = "the layer's output is not its input plus the attention and FFN outputs"
