@@ -21,7 +21,12 @@ import math
 
 BYTES_PER_PARAM = 2  # fp16 / bf16
 HEADROOM = 0.20  # fraction of every card kept free for activations, CUDA context, fragmentation
-MODELS = [("7B", 7e9), ("13B", 13e9), ("30B", 30e9), ("70B", 70e9)]
+# Mixture-of-experts models are sized by *all* their parameters: every expert's weights stay resident
+# (a stage holds its layers' experts whichever the router picks), so experts dominate the bytes;
+# layouts balance stages by parameter bytes (cluster/layout.py), which counts them.
+MODELS = [("7B", 7e9), ("13B", 13e9), ("30B", 30e9), ("70B", 70e9),
+          ("Mixtral-8x7B (MoE, 46.7B total, 12.9B active)", 46.7e9),
+          ("Mixtral-8x22B (MoE, 141B total, 39B active)", 141e9)]
 CARDS_GB = [24, 40, 80]
 
 
