@@ -204,11 +204,10 @@ class OldAPI:
 
 
 class NewAPI:
-    """BEST GUESS of the API being written now (not checked against it): detail queries on
-    ``graph.live`` (a ``LiveRun``), stage clients with typed methods instead of ``call``. Correct
-    the calls here once the new API has landed."""
+    """Detail queries on ``graph.live`` (a ``LiveRun``), stage clients with typed methods instead of
+    ``call`` (issue 13)."""
 
-    name = "NewAPI (graph.live ..., typed client methods) [best guess]"
+    name = "NewAPI (graph.live ..., typed client methods)"
 
     def click_residual(self, graph: Any, node: str) -> Any:
         return graph.live.top_tokens(node, k=10)
