@@ -223,8 +223,10 @@ class Stage:
 
         stage_config = copy.deepcopy(config)
         stage_config.num_hidden_layers = self.stop - self.start
-        if hasattr(stage_config, "layer_types") and stage_config.layer_types:
-            stage_config.layer_types = list(config.layer_types)[self.start : self.stop]
+        # Per-layer attention kinds (sliding/local vs global) follow the layers into the stage.
+        for key in ("layer_types", "attention_layers"):  # attention_layers: GPT-Neo
+            if getattr(stage_config, key, None):
+                setattr(stage_config, key, list(getattr(config, key))[self.start : self.stop])
         # Eager attention exposes the attention pattern to the bridge's hooks on every architecture.
         stage_config._attn_implementation = "eager"
         with init_empty_weights(include_buffers=False):
