@@ -169,6 +169,12 @@ class FlowGraph:
     def load(cls, path: str | os.PathLike) -> "FlowGraph":
         """Read a ``.msgpack`` graph written by ``save`` (validated; no details attached)."""
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"graph file {path} does not exist")
-        return cls(EdgeSet.decode(path.read_bytes()))
+        try:
+            edges = EdgeSet.read(path)  # size checked before reading
+        except FileNotFoundError:
+            raise FileNotFoundError(f"graph file {path} does not exist") from None
+        except ValueError as exc:  # EdgeSetError: name the file
+            raise type(exc)(f"{path}: {exc}") from None
+        return cls(edges)

@@ -16,6 +16,9 @@ Wire versions: 2 (this writer) carries ``"trace"``; version 1 files carried an u
 from __future__ import annotations
 
 import math
+import os
+import stat
+import sys
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -31,6 +34,14 @@ MAX_PAYLOAD_BYTES = 1 << 30
 MAX_TOKENS = 1 << 20
 MAX_LAYERS = 4096
 MAX_HEADS = 4096
+# What decoding may build besides the columns: the metadata's Python objects may take this much
+# memory, plus META_PER_COLUMN_BYTE times the bytes of the columns it describes. Msgpack can
+# expand 70-fold (an empty map is one byte, a Python dict 64); legitimate metadata (tokens,
+# route summaries) stays far below this, a crafted file is stopped while it is being decoded.
+META_MEMORY_BYTES = 48 << 20
+META_PER_COLUMN_BYTE = 4
+# Contributions are float32 arrays: a tau_min below the smallest normal float32 underflows there.
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
 # column -> (dtype, group). Groups share a length; "dense" columns are [n_layers, n_tokens].
 COLUMNS: dict[str, tuple[str, str]] = {
@@ -62,6 +73,81 @@ META_TYPES: dict[str, type | tuple[type, ...]] = {
 
 class EdgeSetError(ValueError):
     """A payload that is not a valid edge set."""
+
+
+def check_tau_min(tau_min: Any, what: str = "tau_min") -> float:
+    """``tau_min`` as a float in ``(0, 1)``, at least float32's smallest normal number (the
+    contributions it thresholds are float32; anything smaller would underflow to 0 there)."""
+    number = isinstance(tau_min, (int, float, np.integer, np.floating)) and not isinstance(tau_min, (bool, np.bool_))
+    if not number or not math.isfinite(tau_min) or not 0 < tau_min < 1:
+        raise ValueError(f"{what}: {tau_min} must be a number in (0, 1)")
+    if tau_min < FLOAT32_TINY:
+        raise ValueError(f"{what}: {tau_min} is below the smallest normal float32 ({FLOAT32_TINY:.8g}); "
+                         "contributions are float32, where it would underflow to 0")
+    return float(tau_min)
+
+
+def read_file(path: str | os.PathLike, max_bytes: int, *, what: str = "file",
+              error: type[Exception] = ValueError) -> bytes:
+    """The bytes of a regular file, refused *before* reading when larger than ``max_bytes``.
+
+    The size is taken from the opened file (``fstat``), so the check and the read see the same
+    file; FIFOs, devices and directories are refused (a FIFO would block, ``/dev/zero`` never
+    ends). A file that grows while it is read is refused too. Errors: ``FileNotFoundError`` for a
+    missing file, ``error`` (a ``ValueError`` by default) for everything else, with the path.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+        os.close(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{path}: {what} is not a regular file")
+        raise error(f"{path}: {what} of {st.st_size} bytes exceeds the limit of {max_bytes} bytes")
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        try:
+            data = f.read(st.st_size)
+            grew = f.read(1)
+        except OSError as exc:
+            raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    if grew or len(data) != st.st_size:
+        raise error(f"{path}: {what} changed size while it was read")
+    return data
+
+
+class _TooMuchMetadata(Exception):
+    pass
+
+
+class _DecodeBudget:
+    """Msgpack hooks that tally the memory of the containers decoding builds (shallow sizes of
+    every map and list and of their items, a bound on the real cost) and stop decoding once it
+    exceeds ``META_MEMORY_BYTES`` plus ``META_PER_COLUMN_BYTE`` times the binary data seen."""
+
+    def __init__(self) -> None:
+        self.used = 0
+        self.paid = 0
+
+    def _check(self) -> None:
+        if self.used > META_MEMORY_BYTES + (META_PER_COLUMN_BYTE + 1) * self.paid:
+            raise _TooMuchMetadata
+
+    def on_list(self, items: list) -> list:
+        self.used += sys.getsizeof(items) + sum(map(sys.getsizeof, items))
+        self._check()
+        return items
+
+    def on_map(self, items: dict) -> dict:
+        values = items.values()
+        self.paid += sum(len(v) for v in values if type(v) is bytes)
+        self.used += sys.getsizeof(items) + sum(map(sys.getsizeof, items)) + sum(map(sys.getsizeof, values))
+        self._check()
+        return items
 
 
 @dataclass
@@ -149,18 +235,38 @@ class EdgeSet:
         )
 
     @classmethod
+    def read(cls, path: str | os.PathLike, max_bytes: int = MAX_PAYLOAD_BYTES) -> "EdgeSet":
+        """Read and decode an edge-set file; its size is checked before it is read (``read_file``).
+        ``FileNotFoundError`` if it is missing, ``EdgeSetError`` for anything else (messages do
+        not repeat the path: callers name the file)."""
+        try:
+            payload = read_file(path, max_bytes, what="edge set", error=EdgeSetError)
+        except EdgeSetError as exc:
+            raise EdgeSetError(str(exc).removeprefix(f"{path}: ")) from None
+        return cls.decode(payload, max_bytes)
+
+    @classmethod
     def decode(cls, payload: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> "EdgeSet":
         """Parse and validate msgpack bytes; raise ``EdgeSetError`` on anything malformed."""
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise EdgeSetError(f"payload must be bytes, got {type(payload).__name__}")
         if len(payload) > max_bytes:
             raise EdgeSetError(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}")
+        n = len(payload)
+        budget = _DecodeBudget()
         try:
-            # Limits stop a crafted header from asking for huge containers before any data arrives.
+            # Limits relative to the payload stop a crafted header from asking for containers
+            # larger than the data behind it (msgpack allocates a declared length up front); the
+            # budget's hooks stop many small containers from expanding the payload 70-fold.
             doc = msgpack.unpackb(
-                payload, raw=False, strict_map_key=True, max_bin_len=len(payload), max_str_len=1 << 24,
-                max_array_len=MAX_TOKENS * 2, max_map_len=1024, max_ext_len=0,
+                payload, raw=False, strict_map_key=True, max_bin_len=n, max_str_len=min(4 << 20, n),
+                max_array_len=min(MAX_TOKENS, n), max_map_len=min(1024, n // 2), max_ext_len=0,
+                list_hook=budget.on_list, object_hook=budget.on_map,
             )
+        except _TooMuchMetadata:
+            raise EdgeSetError(
+                f"metadata: decoding would build over {budget.used >> 20} MiB of objects from a {n}-byte payload "
+                f"(limit {META_MEMORY_BYTES >> 20} MiB + {META_PER_COLUMN_BYTE} x the column bytes)") from None
         except Exception as exc:  # msgpack raises several unrelated types for bad input
             raise EdgeSetError(f"not a msgpack edge set ({type(exc).__name__}: {exc})") from None
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
@@ -247,6 +353,8 @@ def _check_meta(meta: dict[str, Any]) -> None:
         raise EdgeSetError(f"meta: norm {meta['norm']!r} is not one of {', '.join(NORMS)}")
     if not 0 <= meta["tau_min"] < 1:
         raise EdgeSetError(f"meta: tau_min {meta['tau_min']} outside [0, 1)")
+    if 0 < meta["tau_min"] < FLOAT32_TINY:
+        raise EdgeSetError(f"meta: tau_min {meta['tau_min']} is below the smallest normal float32 ({FLOAT32_TINY:.8g})")
 
 
 def _decode_array(name: str, spec: Any, dtype: str) -> np.ndarray:

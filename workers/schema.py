@@ -184,6 +184,11 @@ META_VERSION = 2
 MAX_META_ITEMS = 1 << 20  # list lengths (tokens); the edge set's own token limit
 MAX_META_DEPTH = 6
 MAX_TEXT = 1 << 20  # characters of one string (a prompt)
+MAX_META_MAP = 4096  # entries of one map
+# Totals over the whole metadata (every list item and map entry, every character of text):
+# three token columns of the largest prompt plus route summaries of every position fit.
+MAX_META_TOTAL_ITEMS = 1 << 23
+MAX_META_TOTAL_TEXT = 1 << 26
 
 
 class MetaError(ValueError):
@@ -242,7 +247,7 @@ class TraceMeta:
         unknown = sorted(set(data) - known)
         if unknown:
             raise MetaError(f"trace metadata: unknown field(s) {', '.join(map(repr, unknown[:5]))}")
-        _check_plain(data, "trace", 0)
+        _check_plain(data, "trace", 0, [0, 0])
         prompt = data.get("prompt")
         if prompt is not None and not isinstance(prompt, str):
             raise MetaError(f"trace.prompt must be text, got {type(prompt).__name__}")
@@ -285,32 +290,54 @@ def _list_of(data: dict[str, Any], key: str, typ: type) -> list:
     return list(v)
 
 
-def _check_plain(value: Any, where: str, depth: int) -> None:
-    """Only maps with text keys, lists, text, numbers, booleans and None, to a bounded depth."""
+def _check_plain(value: Any, where: str, depth: int, total: list[int]) -> None:
+    """Only maps with text keys, lists, text, numbers, booleans and None, to a bounded depth, with
+    bounded sizes: per map, list and text, and in total (``total``: [items, characters] so far)."""
     if depth > MAX_META_DEPTH:
         raise MetaError(f"{where}: nested deeper than {MAX_META_DEPTH} levels")
     if isinstance(value, dict):
-        if len(value) > 4096:
+        if len(value) > MAX_META_MAP:
             raise MetaError(f"{where}: map of {len(value)} entries")
+        _count(total, where, len(value), 0)
         for k, v in value.items():
             if not isinstance(k, str):
                 raise MetaError(f"{where}: keys must be text")
-            _check_plain(v, f"{where}.{k}", depth + 1)
+            _count(total, where, 0, len(k))
+            _check_plain(v, f"{where}.{k}", depth + 1, total)
     elif isinstance(value, list):
         if len(value) > MAX_META_ITEMS:
             raise MetaError(f"{where}: list of {len(value)} entries")
+        _count(total, where, len(value), 0)
         if value and all(isinstance(x, (int, float, str)) and not isinstance(x, bool) for x in value[:64]):
-            bad = next((x for x in value if not isinstance(x, (int, float, str, bool))), None)
-            if bad is not None:
-                _check_plain(bad, f"{where}[]", depth + 1)
-            return  # flat lists (tokens, ids, numbers): checked without a call per item
+            # Flat lists (tokens, ids, numbers): one pass without a call per scalar item.
+            chars = 0
+            for x in value:
+                t = type(x)
+                if t is str:
+                    if len(x) > MAX_TEXT:
+                        raise MetaError(f"{where}[]: text of {len(x)} characters")
+                    chars += len(x)
+                elif not (t is int or t is float or t is bool):
+                    _check_plain(x, f"{where}[]", depth + 1, total)
+            _count(total, where, 0, chars)
+            return
         for x in value:
-            _check_plain(x, f"{where}[]", depth + 1)
+            _check_plain(x, f"{where}[]", depth + 1, total)
     elif isinstance(value, str):
         if len(value) > MAX_TEXT:
             raise MetaError(f"{where}: text of {len(value)} characters")
+        _count(total, where, 0, len(value))
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise MetaError(f"{where}: not a finite number")
     elif not (value is None or isinstance(value, (bool, int))):
         raise MetaError(f"{where}: {type(value).__name__} is not allowed in metadata")
+
+
+def _count(total: list[int], where: str, items: int, chars: int) -> None:
+    total[0] += items
+    total[1] += chars
+    if total[0] > MAX_META_TOTAL_ITEMS:
+        raise MetaError(f"{where}: metadata holds over {MAX_META_TOTAL_ITEMS} items in all")
+    if total[1] > MAX_META_TOTAL_TEXT:
+        raise MetaError(f"{where}: metadata holds over {MAX_META_TOTAL_TEXT} characters of text in all")
