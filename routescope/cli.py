@@ -82,14 +82,25 @@ def cmd_trace(args: argparse.Namespace) -> int:
     import routescope
     from routescope.cluster.pipeline import validate_prompt
     from routescope.cluster.routes import check_tau, parse_targets
+    from routescope.workers.checkpoint import check_device
+    from routescope.workers.edgeset import check_tau_min
 
-    validate_prompt(args.prompt)  # fail before loading a model
+    # Everything that can be checked without the model is checked before loading it.
+    validate_prompt(args.prompt)
+    check_tau_min(args.tau_min)
     check_tau(args.tau, args.tau_min)
+    if args.top < 1:
+        raise ValueError(f"top: {args.top} must be an integer of at least 1")
+    if args.address is None:  # in-process stages run on this machine's device
+        args.device = check_device(args.device)
     graph = routescope.trace(
         args.model, args.prompt, tau_min=args.tau_min, norm=args.norm, prepend_bos=not args.no_bos,
         stages=args.stages, layers=args.layers, address=args.address, gpus_per_stage=args.gpus_per_stage,
         cpus_per_stage=args.cpus_per_stage, device=args.device, dtype=args.dtype,
     )
+    vocab = graph.meta.model_info.d_vocab if graph.meta.model_info else None
+    if vocab is not None and args.top > vocab:
+        raise ValueError(f"top: {args.top} must be an integer in [1, {vocab}] (the model's vocabulary)")
     targets = parse_targets(args.target)
     edges = graph.route(args.tau, args.mode, targets)
     tokens = graph.tokens
@@ -132,13 +143,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             from routescope.cluster.submit import main as submit_main
 
             return submit_main(args)
-    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as exc:
-        print(f"routescope {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, NotImplementedError, RuntimeError) as exc:
+        # One line, no traceback: bad input and unusable files (OSError: unreadable, permissions).
+        print(f"routescope {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if not isinstance(exc, OSError) or exc.filename is None or str(exc.filename) in text \
+        else f"{exc.filename}: {text}"
 
 
 if __name__ == "__main__":
