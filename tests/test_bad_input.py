@@ -120,6 +120,9 @@ def bad_files(root: Path, tiny: Path) -> dict[str, Path]:
     model("config_absurd", config__json=json.dumps({**config, "hidden_size": 10**9, "num_hidden_layers": 10**6,
                                                    "vocab_size": 10**12}))
     model("config_too_many_layers", config__json=json.dumps({**config, "num_hidden_layers": 5}))
+    model("tokenizer_not_json", tokenizer__json="{not json")
+    model("tokenizer_config_list", tokenizer_config__json="[1]")
+    model("tokenizer_damaged", tokenizer__json='{"model": 5}')
     model("st_short", model__safetensors=b"abc")
     model("st_truncated_header", model__safetensors=weights[:100])
     model("st_truncated_data", model__safetensors=weights[:-10])
@@ -299,6 +302,12 @@ def _check(fn: str, *args: Any) -> Callable[[Ctx], Any]:
     return call
 
 
+def _tokenizer(path: Path) -> Any:
+    from routescope.workers.checkpoint import Checkpoint, load_tokenizer
+
+    return load_tokenizer(Checkpoint(path, str(path)))
+
+
 def params(cases: list[Any]) -> list[Any]:
     return [pytest.param(c, id=c[0]) if type(c) is tuple else c for c in cases]
 
@@ -308,6 +317,7 @@ TAU_MIN_TINY = ("tau_min: 1e-50 is below the smallest normal float32 (1.1754944e
                 "where it would underflow to 0")
 STAGE_DEVICE = "workers/stage.py Stage.__init__: self.device = torch.device(check_device(device))"
 STAGE_CONFIG = "workers/stage.py load_config: return check_config(checkpoint)"
+STAGE_TOKENIZER = "workers/stage.py load_tokenizer: return checkpoint.load_tokenizer(checkpoint) (workers.checkpoint's)"
 PIPELINE_TAU = "cluster/pipeline.py Pipeline.trace: tau_min = check_tau_min(tau_min)"
 
 # Untrusted files, devices, thresholds and k (issue 14). Messages that name a temporary path are
@@ -340,6 +350,15 @@ API_FILES: list[Any] = [
     pending(("config missing num_hidden_layers", _load("config_no_layers"), ValueError,
              "config.json: loaded config: num_hidden_layers 32 is more layers than the checkpoint holds: 4 (model.layers)"),
             STAGE_CONFIG),
+    ("tokenizer.json not JSON", _load("tokenizer_not_json"), ValueError,
+     "tokenizer_not_json/tokenizer.json: tokenizer file is not valid JSON (Expecting property name enclosed in double "
+     "quotes at line 1 column 2)"),
+    ("tokenizer_config.json a list", _load("tokenizer_config_list"), ValueError,
+     "tokenizer_config_list/tokenizer_config.json: tokenizer file must be a JSON map, got list"),
+    ("tokenizer.json damaged (checked)", lambda c: _tokenizer(c.bad["tokenizer_damaged"]), ValueError,
+     "tokenizer_damaged: the tokenizer cannot be loaded (KeyError: 'added_tokens')"),
+    pending(("tokenizer.json damaged", _load("tokenizer_damaged"), ValueError,
+             "tokenizer_damaged: the tokenizer cannot be loaded (KeyError: 'added_tokens')"), STAGE_TOKENIZER),
     ("safetensors too short", _load("st_short"), ValueError,
      "st_short/model.safetensors: not a valid safetensors file: 3 bytes, too short for a header"),
     ("safetensors truncated header", _load("st_truncated_header"), ValueError,
@@ -474,6 +493,8 @@ CLI_FILES: list[Any] = [
      "config.json: hidden_size must be a positive integer, got 'big'"),
     ("config absurd sizes", ["trace", "--prompt", PROMPT, "--model", "{m_config_absurd}"],
      "config.json: hidden_size 1000000000 is larger than every tensor dimension of the checkpoint (largest 384)"),
+    ("tokenizer.json not JSON", ["trace", "--prompt", PROMPT, "--model", "{m_tokenizer_not_json}"],
+     "tokenizer.json: tokenizer file is not valid JSON (Expecting property name enclosed in double quotes"),
     ("safetensors header length over the file", ["trace", "--prompt", PROMPT, "--model", "{m_st_header_length}"],
      "model.safetensors: not a valid safetensors file: header length 1000000000000 is larger than the file"),
     ("safetensors truncated data", ["trace", "--prompt", PROMPT, "--model", "{m_st_truncated_data}"],

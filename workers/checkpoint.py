@@ -568,10 +568,51 @@ def check_config_file(checkpoint: Checkpoint) -> tuple[int, dict[str, int]]:
 
 def validated(checkpoint: Checkpoint) -> Checkpoint:
     """``checkpoint`` once its files pass the checks that need no model library: shard index and
-    safetensors headers (``weight_map``) and ``config.json`` (``check_config_file``)."""
+    safetensors headers (``weight_map``), ``config.json`` (``check_config_file``) and the
+    tokenizer's JSON files (``check_tokenizer_files``)."""
     checkpoint.weight_map()
     check_config_file(checkpoint)
+    check_tokenizer_files(checkpoint)
     return checkpoint
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+MAX_TOKENIZER_BYTES = 256 << 20
+_TOKENIZER_MEMO: set[tuple] = set()
+
+
+def check_tokenizer_files(checkpoint: Checkpoint) -> None:
+    """The tokenizer's JSON files that are present: each at most 256 MiB and a JSON map
+    (``BadCheckpointError`` naming the file). Memoised by file identity."""
+    for name in TOKENIZER_FILES:
+        path = checkpoint.path / name
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise BadCheckpointError(f"{path}: cannot read tokenizer file ({_os_reason(exc)})") from None
+        memo = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if memo in _TOKENIZER_MEMO:
+            continue
+        doc = _read_json(path, MAX_TOKENIZER_BYTES, "tokenizer file")
+        if not isinstance(doc, dict):
+            raise BadCheckpointError(f"{path}: tokenizer file must be a JSON map, got {type(doc).__name__}")
+        _TOKENIZER_MEMO.add(memo)
+
+
+def load_tokenizer(checkpoint: Checkpoint):
+    """The checkpoint's tokenizer; whatever the tokenizer libraries raise on a damaged file
+    becomes one ``BadCheckpointError`` naming the checkpoint."""
+    from transformers import AutoTokenizer
+
+    check_tokenizer_files(checkpoint)
+    try:
+        return AutoTokenizer.from_pretrained(str(checkpoint.path))
+    except MemoryError:
+        raise
+    except Exception as exc:  # tokenizers/transformers raise KeyError, AttributeError, Exception...
+        raise BadCheckpointError(f"{checkpoint.path}: the tokenizer cannot be loaded ({_first_line(exc)})") from None
 
 
 def _check_sizes(cfg: dict, where: str, largest: int, stacks: dict[str, int], depth: int) -> None:
