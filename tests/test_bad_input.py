@@ -555,3 +555,19 @@ def test_corrupted_result_is_reported_by_name_and_the_rest_loads(ctx, unchanged,
     with pytest.warns(UserWarning, match=re.escape(str(bad))):
         table = stats.importance(res)
     assert table is not None
+
+
+def test_devices_of_a_machine_with_two_gpus(monkeypatch):
+    """check_device on a machine that has CUDA (simulated: this one may have none): present
+    devices pass, canonical; an index past the last names what there is."""
+    import torch
+
+    from routescope.workers.checkpoint import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [check_device(d) for d in ("cuda", "cuda:1", " cpu ", torch.device("cuda", 0))] == \
+        ["cuda", "cuda:1", "cpu", "cuda:0"]
+    with pytest.raises(ValueError) as info:
+        check_device("cuda:7")
+    assert str(info.value) == "device: 'cuda:7' does not exist: this machine has 2 cuda device(s) (cuda:0 to cuda:1)"
