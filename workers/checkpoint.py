@@ -121,12 +121,69 @@ class Checkpoint:
         return sum(math.prod(m["shape"]) for m in self.tensor_headers().values())
 
     def fingerprint(self) -> str:
-        """A short hash of config and shard sizes/names, to tell checkpoints apart in manifests."""
-        h = hashlib.sha256(self.config_path.read_bytes())
-        for shard in sorted(set(self.weight_map().values())):
-            h.update(shard.name.encode())
-            h.update(str(shard.stat().st_size).encode())
-        return h.hexdigest()[:16]
+        """SHA-256 (hex) of everything in the checkpoint that decides the numbers: the bytes of
+        ``config.json``, of the shard index and tokenizer files present, and of every safetensors
+        shard, so it changes when any tensor byte changes (same shapes and sizes included).
+
+        Shards are hashed streamed (8 MiB at a time) and each file's hash is cached in memory
+        and in ``cache_dir()/fingerprints``, keyed by the real path and its (device, inode, size,
+        mtime, ctime): an unchanged file is not read again, a file written in place is (writing
+        moves its ctime, which no tool can set back)."""
+        h = hashlib.sha256(b"routescope.weights-fingerprint/2\0")
+        files = [self.config_path]
+        files += [self.path / n for n in _FINGERPRINT_EXTRA if (self.path / n).is_file()]
+        files += sorted(set(self.weight_map().values()), key=lambda p: p.name)
+        for f in files:
+            h.update(f.name.encode() + b"\0" + _file_sha256(f).encode() + b"\n")
+        return h.hexdigest()
+
+
+# Files besides config.json and the shards that change what a trace computes (token ids, shards).
+_FINGERPRINT_EXTRA = ("model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+                      "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt")
+_HASH_MEMO: dict[tuple, str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, streamed; cached by (real path, device, inode, size, mtime,
+    ctime) in memory and on disk (a cache that cannot be written is skipped)."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _HASH_MEMO:
+        return _HASH_MEMO[key]
+    entry = cache_dir() / "fingerprints" / (hashlib.sha256(real.encode()).hexdigest()[:32] + ".json")
+    try:
+        cached = json.loads(entry.read_text())
+        if isinstance(cached, dict) and cached.get("key") == list(key) and isinstance(cached.get("sha256"), str):
+            _HASH_MEMO[key] = cached["sha256"]
+            return cached["sha256"]
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    with open(real, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+        after = os.fstat(f.fileno())
+    digest = h.hexdigest()
+    if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+        return digest  # written while read: right for these bytes, but not cached
+    _HASH_MEMO[key] = digest
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        with os.fdopen(fd, "w") as out:
+            json.dump({"key": list(key), "sha256": digest}, out)
+        os.replace(tmp, entry)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+    return digest
 
 
 def cache_dir() -> Path:
