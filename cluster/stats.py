@@ -27,6 +27,11 @@ Definitions (one *prediction* is the output node ``I{L-1}_t`` of one traced posi
   attention *not* parked on BOS that goes to the previous token, a ratio of dataset sums:
   ``sum pattern[t, t-1] / sum_{t, s >= 1} pattern[t, s]`` (a ratio of sums, so positions where a
   head sends almost nothing beyond the sink cannot blow it up).
+
+Sizes come from the files read: before anything is allocated for a result, what its statistics
+would allocate is bounded from its declared sizes (tokens, layers, heads, predictions, stored
+parts); a result over ``MAX_STATS_BYTES`` (``ROUTESCOPE_STATS_MAX_BYTES``, default 4 GiB) or
+with more than ``MAX_COMPONENTS`` heads is refused with a ``StatsSizeError`` naming the file.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from routescope.workers.edgeset import EdgeSet, EdgeSetError
 from routescope.workers.schema import ATTN, FFN_IN, FFN_OUT, RES_ATTN, RES_FFN, check_choice
 
 from .graph import FlowGraph
-from .results import Results
+from .results import Results, prompt_path
 from .routes import check_targets, check_tau, renormalized_parts, threshold
 
 if TYPE_CHECKING:
@@ -50,6 +55,50 @@ if TYPE_CHECKING:
 
 # Which positions of a prompt a job summarises: the last one, or every one.
 POSITIONS: tuple[str, ...] = ("last", "all")
+
+# What the statistics of one result may allocate (bytes), and how many heads a model may have
+# (layers x heads: the rows of the tables). Real models are far below both: SmolLM2 has 270 heads,
+# the largest open models some 10^4.
+MAX_STATS_BYTES = int(os.environ.get("ROUTESCOPE_STATS_MAX_BYTES") or 4 << 30)
+MAX_COMPONENTS = 1 << 20
+
+
+class StatsSizeError(ValueError):
+    """A result whose statistics would allocate more than the bounds allow."""
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} PiB"  # pragma: no cover
+
+
+def stats_bytes(es: EdgeSet, n_targets: int) -> int:
+    """An upper estimate of the bytes ``prediction_summary`` allocates for ``es`` and
+    ``n_targets`` predictions, from declared sizes only (no array of those sizes is made):
+    ten ``[P, T]`` float rows of route flow, ``[P, L, H]`` head flags and flows, and per layer
+    ``[P, parts]`` products of the stored head parts of that layer."""
+    P, L, H, T = int(n_targets), int(es.n_layers), int(es.n_heads), int(es.n_tokens)
+    n_parts = int(es.head_layer.shape[0])
+    per_layer = n_parts  # at most every part in one layer; the real maximum when the layers are valid
+    if n_parts and es.layer_start <= int(es.head_layer.min()) and int(es.head_layer.max()) < es.layer_stop:
+        per_layer = int(np.bincount(es.head_layer.astype(np.int64) - es.layer_start).max())
+    return 8 * (10 * P * T + 2 * P * L + 6 * L * T) + 9 * P * L * H + 26 * P * per_layer + 32 * L * H
+
+
+def check_stats_size(es: EdgeSet, n_targets: int, where: str = "edge set") -> None:
+    """``StatsSizeError`` naming ``where`` when statistics over ``es`` would exceed the bounds."""
+    L, H, T = int(es.n_layers), int(es.n_heads), int(es.n_tokens)
+    if L * H > MAX_COMPONENTS:
+        raise StatsSizeError(f"{where}: {L} layers x {H} heads = {L * H} heads exceeds the limit of "
+                             f"{MAX_COMPONENTS} for statistics; refused")
+    need = stats_bytes(es, n_targets)
+    if need > MAX_STATS_BYTES:
+        raise StatsSizeError(f"{where}: statistics over {n_targets} predictions of {T} tokens x {L} layers x {H} "
+                             f"heads would allocate about {_human(need)}, over the limit of "
+                             f"{_human(MAX_STATS_BYTES)} (ROUTESCOPE_STATS_MAX_BYTES); refused")
 
 
 def prediction_targets(n_tokens: int, positions: str) -> list[int]:
@@ -95,6 +144,7 @@ def prediction_summary(es: EdgeSet, tau: float = 0.04, mode: str = "renormalize"
     L, H, T = es.n_layers, es.n_heads, es.n_tokens
     targets = [T - 1] if targets is None else check_targets(targets, T)
     P = len(targets)
+    check_stats_size(es, P, "prediction_summary")
     edges = threshold(es, tau, mode)  # validates mode
     # The parts above tau, with their weights in this mode.
     keep = es.head_weight > tau
@@ -170,7 +220,8 @@ def prediction_summary(es: EdgeSet, tau: float = 0.04, mode: str = "renormalize"
 Source = Results | str | os.PathLike | Iterable[FlowGraph | EdgeSet | Summary]
 
 
-def _as_edgesets(source: Source) -> Iterator[tuple[EdgeSet | None, Summary | None]]:
+def _as_edgesets(source: Source) -> Iterator[tuple[EdgeSet | None, Summary | None, str]]:
+    """``(edge set, summary, where)`` of every item; ``where`` names it in errors (its file)."""
     if isinstance(source, (str, os.PathLike)):
         source = Results(source)
     if isinstance(source, Results):
@@ -180,30 +231,30 @@ def _as_edgesets(source: Source) -> Iterator[tuple[EdgeSet | None, Summary | Non
             except EdgeSetError as exc:  # reported by name; the rest still counts
                 warnings.warn(f"skipping a corrupted result: {exc}", stacklevel=3)
                 continue
-            yield es, None
+            yield es, None, str(prompt_path(source.path, i))
         return
-    for item in source:
+    for n, item in enumerate(source):
         if isinstance(item, FlowGraph):
-            yield item.edges, None
+            yield item.edges, None, f"item {n} (a FlowGraph)"
         elif isinstance(item, EdgeSet):
-            yield item, None
+            yield item, None, f"item {n} (an EdgeSet)"
         elif isinstance(item, Summary):
-            yield None, item
+            yield None, item, f"item {n} (a Summary)"
         else:
             raise TypeError(f"statistics: cannot read a {type(item).__name__} (use Results, FlowGraph, EdgeSet or Summary)")
 
 
 def _summaries_of(source: Source, tau: float | None, mode: str | None,
                   positions: str | None) -> Iterator[tuple[Summary, EdgeSet | None]]:
-    for es, summ in _as_edgesets(source):
+    for es, summ, where in _as_edgesets(source):
         if es is None:
             if tau is not None and abs(summ.tau - tau) > 1e-12 or mode is not None and summ.mode != mode:
                 raise ValueError("statistics: a Summary was computed at another tau/mode")
             yield summ, None
             continue
         stored = es.trace.summary
-        job = es.trace.job
-        targets = prediction_targets(es.n_tokens, positions or (job.positions if job else "last"))
+        pos = _checked_positions(es, positions, where)
+        targets = prediction_targets(es.n_tokens, pos)
         if stored:
             s = Summary.from_dict(stored)
             if ((tau is None or abs(s.tau - tau) < 1e-12) and (mode is None or s.mode == mode)
@@ -211,6 +262,16 @@ def _summaries_of(source: Source, tau: float | None, mode: str | None,
                 yield s, es
                 continue
         yield prediction_summary(es, 0.04 if tau is None else tau, mode or "renormalize", targets), es
+
+
+def _checked_positions(es: EdgeSet, positions: str | None, where: str) -> str:
+    """The positions summarised for ``es`` (``positions``, else its job's), after checking that
+    its statistics fit the bounds (``StatsSizeError`` naming ``where``), before any array."""
+    job = es.trace.job
+    pos = positions or (job.positions if job else "last")
+    check_choice("positions", pos, POSITIONS)
+    check_stats_size(es, es.n_tokens if pos == "all" else 1, where)
+    return pos
 
 
 def summaries(source: Source, *, tau: float | None = None, mode: str | None = None,
@@ -304,9 +365,10 @@ def previous_token(source: Source, *, tau: float | None = None, mode: str | None
     raw = nobos = None
     count = 0
     graphs = []
-    for es, _ in _as_edgesets(source):
+    for es, _, where in _as_edgesets(source):
         if es is None:
             raise TypeError("previous_token: needs edge sets with attention sums, not Summaries")
+        _checked_positions(es, positions, where)  # before the [L, H] sums and the importance table
         att = es.trace.attention
         if not att:
             raise ValueError("previous_token: results without attention sums (job run with attention=False)")
