@@ -7,14 +7,23 @@ metadata, route summary and previous-token attention sums, and the failures.
 
 Every file is written atomically (``storage.atomic_write``): a prompt's file is complete or
 absent. A rerun on the same results directory skips the prompts whose files exist, so a job
-killed at any point and started again ends with every prompt exactly once. A rerun with a
-different dataset, model or analysis options is refused rather than mixed in.
+killed at any point and started again ends with every prompt exactly once. A rerun with
+anything that changes the stored numbers different (dataset contents, model, dtype, norm,
+tau_min, positions, tau/mode of the stored summaries, BOS, the weights' *contents*, the edge-set
+wire version) is refused with every differing field named, rather than mixed in.
+
+One job at a time per results directory: a job holds an exclusive ``flock`` on
+``<results>/job.lock`` from before it reads the manifest until it has written its last file
+(the OS drops it when the process dies, so a killed job leaves no stale lock). A second job is
+refused with a one-line message naming the directory and the holder (pid, host, start time),
+or waits for it with ``wait_lock`` (``--wait-lock [SECONDS]``). Submitted jobs run this code too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import sys
@@ -26,17 +35,19 @@ from typing import Any
 
 import numpy as np
 
-from routescope.workers.schema import DEFAULT_MODEL, DEFAULT_TAU_MIN, MODES, NORMS, JobMeta, check_choice
+from routescope.workers.edgeset import VERSION as EDGESET_VERSION
+from routescope.workers.schema import (DEFAULT_MODEL, DEFAULT_TAU_MIN, MODES, NORMS, JobMeta, canonical_dtype,
+                                       check_choice)
 
 from .datasets import MAX_PROMPT_CHARS, read_dataset
-from .results import FAILED, MANIFEST, PROMPTS, Results, done_indexes, prompt_path
+from .results import FAILED, LOCK, MANIFEST, PROMPTS, Results, done_indexes, prompt_path
 from .stats import POSITIONS, prediction_summary, prediction_targets
-from .storage import atomic_write
+from .storage import FileLock, LockHeld, atomic_create, atomic_write, describe_holder
 
 SCHEMA = "routescope.job-results"
-SCHEMA_VERSION = 1
-# Options that must match for a rerun to resume into existing results.
-_RESUME_KEYS = ("tau_min", "norm", "positions", "prepend_bos", "tau", "mode", "column", "attention")
+SCHEMA_VERSION = 2  # 2: dtype, edge-set version and a weights fingerprint of the tensors' bytes
+# Options that must match for a rerun to resume into existing results (all change stored numbers).
+_RESUME_KEYS = ("tau_min", "norm", "positions", "prepend_bos", "tau", "mode", "column", "attention", "dtype")
 
 
 # ================================================================================= options
@@ -67,6 +78,7 @@ class JobSpec:
     throttle_s: float = 0.0  # testing knob: pause after each group of prompts
     job_id: str | None = None
     progress: bool | None = None  # tqdm bar: None = when stderr is a terminal
+    wait_lock: float | None = None  # results in use by another job: None/0 refuse, else wait (s; inf: no limit)
 
     def check(self) -> "JobSpec":
         check_choice("norm", self.norm, NORMS)
@@ -80,10 +92,16 @@ class JobSpec:
             raise ValueError(f"tau: {self.tau} is below tau_min {self.tau_min}")
         if not isinstance(self.in_flight, int) or self.in_flight < 1:
             raise ValueError(f"in_flight: {self.in_flight} must be a positive integer")
+        canonical_dtype(self.dtype)
+        w = self.wait_lock
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or math.isnan(w) or w < 0):
+            raise ValueError(f"wait_lock: {w!r} must be a number of seconds >= 0 (inf: wait as long as it takes)")
         return self
 
     def analysis_options(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in _RESUME_KEYS}
+        out = {k: getattr(self, k) for k in _RESUME_KEYS}
+        out["dtype"] = canonical_dtype(self.dtype) or "float32"
+        return out
 
     def to_args(self) -> list[str]:
         """Command-line arguments of ``routescope run-job`` for this spec."""
@@ -102,6 +120,8 @@ class JobSpec:
             args += ["--address", self.address]
         if self.dtype is not None:
             args += ["--dtype", self.dtype]
+        if self.wait_lock is not None:
+            args += ["--wait-lock", repr(float(self.wait_lock))]
         return args
 
     def env(self) -> dict[str, str]:
@@ -128,20 +148,72 @@ def spec_from_args(args: Any, env: dict[str, str] | None = None) -> JobSpec:
         attention=env.get("ROUTESCOPE_JOB_ATTENTION", "1") != "0",
         throttle_s=float(env.get("ROUTESCOPE_JOB_THROTTLE_S", 0) or 0),
         job_id=env.get("ROUTESCOPE_JOB_ID") or None,
+        wait_lock=getattr(args, "wait_lock", None),
     )
 
 
 # ================================================================================= results
+class ResultsLocked(ValueError):
+    """The results directory is in use by another job (the message names it and the holder)."""
+
+
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n").encode()
 
 
-def _prepare_results(results: Path) -> None:
-    """Create the results directory and prove it is writable, or raise a clear error."""
+def _results_dir(location: str | os.PathLike) -> Path:
+    """The results directory as an absolute path, created with its parents (``ValueError`` when
+    it cannot be: a file, a symbolic-link loop, no permission)."""
+    raw = Path(location).expanduser()
+    try:
+        results = raw.resolve()
+    except (RuntimeError, OSError) as exc:  # Python < 3.13: RuntimeError("Symlink loop from ...")
+        raise ValueError(f"results location {raw} cannot be used: {exc}") from None
     try:
         if results.exists() and not results.is_dir():
             raise ValueError(f"results location {results} is not writable: it is a file, not a directory")
-        (results / PROMPTS).mkdir(parents=True, exist_ok=True)
+        results.mkdir(parents=True, exist_ok=True)
+    except ValueError:
+        raise
+    except OSError as exc:
+        raise ValueError(f"results location {results} is not writable ({exc.strerror or exc})") from None
+    return results
+
+
+def _locked_message(results: Path, exc: LockHeld) -> str:
+    held = f"results location {results} is in use by another job ({describe_holder(exc.holder)})"
+    if exc.waited:
+        return f"{held}, still after waiting {exc.waited:.0f}s"
+    return f"{held}; wait for it to end, or pass --wait-lock [SECONDS] (wait_lock= in run_job) to wait for it"
+
+
+def lock_results(results: str | os.PathLike, *, wait: float | None = None, job_id: str | None = None) -> FileLock:
+    """Take the job lock of ``results`` (an existing directory) and return it (``.release()``
+    it, or let the process end); ``ResultsLocked`` when another job holds it, at once or after
+    waiting up to ``wait`` seconds (``math.inf``: as long as it takes)."""
+    results = Path(results)
+    lock = FileLock(results / LOCK)
+
+    def waiting(holder: dict[str, Any] | None) -> None:
+        how = "as long as it takes" if math.isinf(wait) else f"up to {wait:g}s"
+        print(f"routescope job: results location {results} is in use by another job ({describe_holder(holder)}); "
+              f"waiting {how} for it to end", flush=True)
+
+    try:
+        return lock.acquire(wait=wait, info={"job_id": job_id or "", "command": "run-job"}, on_wait=waiting)
+    except LockHeld as exc:
+        raise ResultsLocked(_locked_message(results, exc)) from None
+    except OSError as exc:
+        raise ValueError(f"results location {results}: cannot take the job lock {lock.path} "
+                         f"({exc.strerror or exc})") from None
+
+
+def _prepare_results(results: Path) -> None:
+    """With the job lock held: the prompts folder, a proof that the directory is writable, and
+    no temporary files of a killed run."""
+    try:
+        done_indexes(results)  # a prompts/ that is not a directory (a link loop, a file): a clear error
+        (results / PROMPTS).mkdir(exist_ok=True)
         probe = results / ".write-probe"
         atomic_write(probe, b"ok", fsync=False)
         probe.unlink()
@@ -149,36 +221,48 @@ def _prepare_results(results: Path) -> None:
         raise
     except OSError as exc:
         raise ValueError(f"results location {results} is not writable ({exc.strerror or exc})") from None
-    # Temporary files of a run that was killed mid-write: never results, safe to drop.
-    for p in (results / PROMPTS).glob(".*.tmp"):
-        try:
-            p.unlink()
-        except OSError:
-            pass
+    # Temporary files of a run that was killed mid-write: never results, and (the lock is held)
+    # no other job's; safe to drop.
+    for d in (results, results / PROMPTS):
+        for p in d.glob(".*.tmp"):
+            try:
+                if p.is_symlink() or p.is_file():
+                    p.unlink()
+            except OSError:
+                pass
+
+
+def _identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What must match for a resume, by the name a refusal gives it."""
+    out = {"dataset contents sha256": (manifest.get("dataset") or {}).get("sha256"),
+           "model": manifest.get("model")}
+    out.update((f"option {k}", v) for k, v in (manifest.get("options") or {}).items())
+    out["edge-set version"] = manifest.get("edgeset_version")
+    out["weights contents sha256"] = (manifest.get("weights") or {}).get("fingerprint")
+    return out
 
 
 def _check_resume(results: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """The existing manifest, after checking it describes the same job (else ``ValueError``)."""
+    """The existing manifest, after checking it describes the same job (else ``ValueError``
+    naming every field that differs, old vs new)."""
     path = results / MANIFEST
-    if not path.exists():
+    if not os.path.lexists(path):
         if done_indexes(results):
             raise ValueError(f"results location {results} holds prompt files but no {MANIFEST}; "
                              "use an empty directory")
         return None
+    if os.path.islink(path):
+        raise ValueError(f"results location {results}: {MANIFEST} is a symbolic link, not a job manifest")
     try:
-        old = json.loads(path.read_text())
+        old = json.loads(path.read_bytes())
     except (OSError, ValueError) as exc:
         raise ValueError(f"results location {results}: unreadable {MANIFEST} ({exc})") from None
     if not isinstance(old, dict) or old.get("schema") != SCHEMA:
         raise ValueError(f"results location {results}: {MANIFEST} is not a routescope job manifest")
-    diffs = []
-    if old.get("dataset", {}).get("sha256") != manifest["dataset"]["sha256"]:
-        diffs.append("dataset contents (sha256)")
-    if old.get("model") != manifest["model"]:
-        diffs.append(f"model ({old.get('model')!r} vs {manifest['model']!r})")
-    for k, v in manifest["options"].items():
-        if old.get("options", {}).get(k) != v:
-            diffs.append(f"option {k} ({old.get('options', {}).get(k)!r} vs {v!r})")
+    was, now = _identity(old), _identity(manifest)
+    # (the dataset by name only: its hashes say nothing to a reader; the manifest has its path)
+    diffs = ["dataset contents (sha256)" if k == "dataset contents sha256" else f"{k} ({was.get(k)!r} vs {v!r})"
+             for k, v in now.items() if was.get(k) != v]
     if diffs:
         raise ValueError(f"results location {results} holds results of a different job: " + "; ".join(diffs)
                          + ". Use another results location (existing results were left untouched)")
@@ -283,37 +367,65 @@ def previous_token_sums(graph, *, bos_sink: bool) -> dict[str, Any]:
 
 
 def run(spec: JobSpec, *, pipeline=None) -> dict[str, Any]:
-    """Run a dataset job to completion (resuming into existing results); return the manifest."""
+    """Run a dataset job to completion (resuming into existing results); return the manifest.
+    The results directory's job lock is held from before the manifest is read until the job's
+    last write."""
     spec.check()
     dataset = read_dataset(spec.dataset, spec.column, max_chars=spec.max_chars)
-    results = Path(spec.results).expanduser().resolve()
+    results = _results_dir(spec.results)
+    lock = lock_results(results, wait=spec.wait_lock, job_id=spec.job_id)
+    try:
+        return _run_locked(spec, dataset, results, pipeline, lock)
+    finally:
+        lock.release()
+
+
+def _weights(ckpt) -> dict[str, Any]:
+    return {"fingerprint": ckpt.fingerprint(), "checkpoint": ckpt.path.name, "spec": ckpt.spec}
+
+
+def _run_locked(spec: JobSpec, dataset, results: Path, pipeline, lock: FileLock) -> dict[str, Any]:
     _prepare_results(results)
+    if pipeline is not None:
+        ckpt = pipeline.checkpoint
+    else:  # the checkpoint the pipeline will load (resolving is cheap once converted/downloaded)
+        from routescope.workers.checkpoint import resolve
+
+        ckpt = resolve(spec.model)
     manifest: dict[str, Any] = {
         "schema": SCHEMA, "version": SCHEMA_VERSION, "routescope_version": metadata.version("routescope"),
         "model": spec.model, "options": spec.analysis_options(), "dataset": dataset.describe(),
+        "edgeset_version": EDGESET_VERSION, "weights": _weights(ckpt),
     }
-    old = _check_resume(results, manifest)
+    old = _check_resume(results, manifest)  # before any model is loaded
+    done = done_indexes(results)
+    stale = sorted(done - {r.index for r in dataset.records})
+    if stale:
+        raise ValueError(f"results location {results} holds prompt files {stale[:5]} not in the dataset")
     started = time.time()
     print(f"routescope job: {len(dataset.records)} records in {dataset.path} ({dataset.format}), "
           f"results in {results}" + (" (resuming)" if old else ""), flush=True)
 
-    pipe = pipeline if pipeline is not None else _load_pipeline(spec)
-    ckpt = pipe.checkpoint
-    manifest.update({
-        "weights": {"fingerprint": ckpt.fingerprint(), "checkpoint": ckpt.path.name, "spec": ckpt.spec},
-        "model_info": pipe.info.to_dict(), "layout": [list(r) for r in pipe.layout],
-        "pipeline": type(pipe.clients[0]).__name__ if getattr(pipe, "clients", None) else None,
-    })
-    if old and old.get("weights", {}).get("fingerprint") not in (None, manifest["weights"]["fingerprint"]):
-        raise ValueError(f"results location {results} holds results of other weights "
-                         f"({old['weights']['fingerprint']} vs {manifest['weights']['fingerprint']}); "
-                         "use another results location")
+    todo = [r for r in dataset.records if r.index not in done and r.error is None]
+    if pipeline is None and old and not todo:
+        pipe = None  # nothing left to trace: no model to load
+        manifest.update({k: old.get(k) for k in ("model_info", "layout", "pipeline")})
+    else:
+        pipe = pipeline if pipeline is not None else _load_pipeline(spec)
+        if Path(pipe.checkpoint.path) != Path(ckpt.path):  # resolved elsewhere (e.g. another cache)
+            manifest["weights"] = _weights(pipe.checkpoint)
+            old = _check_resume(results, manifest) if old else old
+        manifest.update({
+            "model_info": pipe.info.to_dict(), "layout": [list(r) for r in pipe.layout],
+            "pipeline": type(pipe.clients[0]).__name__ if getattr(pipe, "clients", None) else None,
+        })
     runs = list(old.get("runs", [])) if old else []
-    runs.append({"started": started, "job_id": spec.job_id, "host": socket.gethostname(), "pid": os.getpid()})
+    this_run = {"started": started, "job_id": spec.job_id, "host": socket.gethostname(), "pid": os.getpid(),
+                "locked_at": (lock.holder or {}).get("started_at"), "traced": 0}
+    runs.append(this_run)
     manifest["runs"] = runs
     manifest["created"] = old.get("created", started) if old else started
 
-    done = done_indexes(results)
     failed: dict[int, dict[str, Any]] = {}
     pending: list[tuple[int, int, str, list[int]]] = []
     for r in dataset.records:
@@ -328,18 +440,25 @@ def run(spec: JobSpec, *, pipeline=None) -> dict[str, Any]:
             failed[r.index] = {"index": r.index, "line": r.line, "error": f"line {r.line}: {exc}"}
             continue
         pending.append((r.index, r.line, r.text, ids))
-    stale = sorted(done - {r.index for r in dataset.records})
-    if stale:
-        raise ValueError(f"results location {results} holds prompt files {stale[:5]} not in the dataset")
+    manifest_exists = old is not None
 
     def write_state(status: str) -> None:
+        nonlocal manifest_exists
         manifest["status"] = status
         manifest["updated"] = time.time()
         n_done = len(done_indexes(results))
         manifest["counts"] = {"records": len(dataset.records), "done": n_done, "failed": len(failed),
                               "pending": len(dataset.records) - n_done - len(failed)}
         atomic_write(results / FAILED, _json_bytes(sorted(failed.values(), key=lambda f: f["index"])))
-        atomic_write(results / MANIFEST, _json_bytes(manifest))
+        if manifest_exists:
+            atomic_write(results / MANIFEST, _json_bytes(manifest))
+            return
+        try:  # the first manifest appears complete and only if none is there (no two creators)
+            atomic_create(results / MANIFEST, _json_bytes(manifest))
+        except FileExistsError:
+            raise ValueError(f"results location {results}: another writer created {MANIFEST} while this job "
+                             "held the job lock (a routescope without job locks?); nothing of it was replaced") from None
+        manifest_exists = True
 
     for idx, f in sorted(failed.items()):
         print(f"skipped: {f['error']}", flush=True)
@@ -381,6 +500,7 @@ def run(spec: JobSpec, *, pipeline=None) -> dict[str, Any]:
                     progress.update(0, failed=1)
                     continue
                 failed.pop(idx, None)
+                this_run["traced"] += 1
                 progress.update(1)
             if spec.throttle_s:
                 time.sleep(spec.throttle_s)
@@ -388,7 +508,7 @@ def run(spec: JobSpec, *, pipeline=None) -> dict[str, Any]:
         progress.close()
     write_state("complete" if not failed else "complete_with_failures")
     print(f"routescope job: done: {manifest['counts']['done']} of {len(dataset.records)} prompts, "
-          f"{len(failed)} failed, {time.time() - started:.1f}s", flush=True)
+          f"{len(failed)} failed, {this_run['traced']} traced by this run, {time.time() - started:.1f}s", flush=True)
     return manifest
 
 
@@ -410,7 +530,9 @@ def _annotate(graph, spec: JobSpec, index: int, line: int, bos_sink: bool) -> No
 # ================================================================================= entry points
 def run_job(dataset: str | os.PathLike, results: str | os.PathLike, *, model: str = DEFAULT_MODEL,
             pipeline=None, **options: Any):
-    """Run a dataset job in this process (small cases); return its ``Results``."""
+    """Run a dataset job in this process (small cases); return its ``Results``. ``options`` are
+    ``JobSpec`` fields; ``wait_lock=SECONDS`` waits for another job holding ``results`` (else
+    ``ResultsLocked`` at once)."""
     fields_ = {f.name for f in dataclasses.fields(JobSpec)}
     unknown = set(options) - fields_
     if unknown:

@@ -11,6 +11,11 @@ the results directory must be paths the cluster's nodes see (the same machine, o
 storage). Ray 2.60 clusters use token authentication: the token is read from ``RAY_AUTH_TOKEN``
 or ``~/.ray/auth_token`` (or pass ``token=``) and sent as an ``Authorization: Bearer`` header;
 ``RAY_AUTH_MODE`` is never put into the job's runtime environment.
+
+A submitted job runs ``routescope run-job``, so it takes the results directory's job lock like
+any job: a job refused because another holds the directory (or for any other reason) exits
+non-zero, Ray marks it FAILED, and ``routescope submit --wait`` prints its error line and exits
+1. ``wait_lock=`` (``--wait-lock [SECONDS]``) makes it wait for the other job instead.
 """
 
 from __future__ import annotations
@@ -161,7 +166,7 @@ class JobHandle:
         shown = 0
         while True:
             status = self.status()
-            if show_logs:
+            if show_logs:  # read after the status: once it is terminal, these are the last logs
                 text = self.logs()
                 if len(text) > shown:
                     sys.stdout.write(text[shown:])
@@ -264,6 +269,23 @@ def main(args: Any) -> int:
     print(f"submitted job {handle.job_id} to {handle.address}; results in {spec.results}", flush=True)
     if getattr(args, "wait", False):
         status = handle.wait(show_logs=True)
-        print(f"job {handle.job_id}: {status}")
+        line = f"job {handle.job_id}: {status}"
+        if status != "SUCCEEDED":
+            errors = _error_lines(handle)
+            if errors:
+                line += f": {errors[-1]}"
+        print(line, flush=True)
         return 0 if status == "SUCCEEDED" else 1
     return 0
+
+
+def _error_lines(handle: JobHandle) -> list[str]:
+    """The job's own error lines (``routescope run-job: error: ...``), else Ray's job message."""
+    try:
+        lines = [ln.strip() for ln in handle.logs().splitlines() if "routescope run-job: error:" in ln]
+        if lines:
+            return lines
+        message = getattr(handle.info(), "message", None)
+        return [str(message).strip().splitlines()[0]] if message else []
+    except Exception:  # noqa: BLE001 - a summary line is a convenience; the logs were streamed
+        return []

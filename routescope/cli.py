@@ -31,6 +31,16 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-bos", action="store_true", help="do not prepend the model's BOS token")
 
 
+def _wait_seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v >= 0:  # NaN included
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be >= 0")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="routescope", description="Information-flow routes of LLM predictions.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mode", default="renormalize", choices=["renormalize", "plain"])
         p.add_argument("--no-bos", action="store_true", help="do not prepend the model's BOS token")
         p.add_argument("--in-flight", type=int, default=4, help="prompts in flight at once")
+        p.add_argument("--wait-lock", type=_wait_seconds, nargs="?", const=float("inf"), default=None,
+                       metavar="SECONDS",
+                       help="when another job holds the results directory, wait for it to end (up to SECONDS; "
+                            "no value: as long as it takes) instead of refusing")
         if name == "submit":
             p.add_argument("--wait", action="store_true", help="wait for the job and stream its logs")
     return parser
