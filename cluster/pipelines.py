@@ -87,10 +87,23 @@ class PipelineCache:
     def n_bytes(self) -> int:
         return self._lru.n_bytes
 
-    def get(self, key: Hashable, build: Callable[[], Any], dtype: str | None = None) -> Any:
-        """The cached pipeline of ``key``, or ``build()``'s, cached under its weights' bytes."""
+    def get(self, key: Hashable, build: Callable[[], Any], dtype: str | None = None,
+            n_bytes: int | Callable[[Any], int] | None = None) -> Any:
+        """The cached pipeline of ``key``, or ``build()``'s, cached under its size: ``n_bytes`` (a
+        number, or a function of the pipeline, e.g. weights + activation-cache bound), else its
+        weights' bytes. With ``n_bytes``, a hit whose entry was counted differently (loaded by a
+        caller that counted only weights) is counted again under ``n_bytes``, so the bound holds."""
+
+        def size(pipe: Any) -> int:
+            if n_bytes is None:
+                n_params = int(getattr(getattr(pipe, "info", None), "n_params", 0) or 0)
+                return n_params * DTYPE_BYTES.get(dtype, 4)
+            return int(n_bytes(pipe) if callable(n_bytes) else n_bytes)
+
         hit = self._lru.get(key)
         if hit is not None:
+            if n_bytes is not None and size(hit[0]) != hit[1]:
+                self._lru.put(key, (hit[0], size(hit[0])))
             return hit[0]
         with self._lock:
             gate = self._gates.setdefault(key, threading.Lock())
@@ -100,8 +113,7 @@ class PipelineCache:
                 return hit[0]
             pipe = build()
             self.loads += 1
-            n_params = int(getattr(getattr(pipe, "info", None), "n_params", 0) or 0)
-            self._lru.put(key, (pipe, n_params * DTYPE_BYTES.get(dtype, 4)))
+            self._lru.put(key, (pipe, size(pipe)))
             return pipe
 
     def __contains__(self, key: Hashable) -> bool:
@@ -121,9 +133,11 @@ CACHE = PipelineCache()
 
 def load(model: str = DEFAULT_MODEL, *, stages: int | None = None, layers: str | None = None,
          address: str | None = None, gpus_per_stage: float = 0, cpus_per_stage: float = 1,
-         device: str = "cpu", dtype: str | None = None, max_tokens: int | None = None, reuse: bool = True):
+         device: str = "cpu", dtype: str | None = None, max_tokens: int | None = None, reuse: bool = True,
+         cache_bytes: int | None = None):
     """A ``Pipeline`` for ``model``: in-process, or Ray stage actors when ``address`` is given
-    (``address="local"`` starts a local Ray). With ``reuse`` the process cache is used."""
+    (``address="local"`` starts a local Ray). With ``reuse`` the process cache is used.
+    ``cache_bytes``: each stage's activation-cache bound (default: the stage's own default)."""
     dtype = canonical_dtype(dtype)
     if gpus_per_stage and address is None:
         raise ValueError("gpus_per_stage: GPUs per stage need Ray stages; pass address= "
@@ -134,10 +148,12 @@ def load(model: str = DEFAULT_MODEL, *, stages: int | None = None, layers: str |
             from .ray_pipeline import ray_pipeline
 
             return ray_pipeline(model, stages=stages, layers=layers, address=address, gpus_per_stage=gpus_per_stage,
-                                cpus_per_stage=cpus_per_stage, dtype=dtype, max_tokens=max_tokens)
+                                cpus_per_stage=cpus_per_stage, dtype=dtype, max_tokens=max_tokens,
+                                **({} if cache_bytes is None else {"cache_bytes": int(cache_bytes)}))
         from .pipeline import Pipeline
 
-        return Pipeline.local(model, stages=stages, layers=layers, device=device, dtype=dtype, max_tokens=max_tokens)
+        return Pipeline.local(model, stages=stages, layers=layers, device=device, dtype=dtype, max_tokens=max_tokens,
+                              **({} if cache_bytes is None else {"cache_bytes": int(cache_bytes)}))
 
     if not reuse:
         return build()
