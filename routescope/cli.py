@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve the web viewer")
     p.add_argument("--config", default=None, help="viewer config file (YAML or JSON)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=5006)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only; IPv6 as ::1 or [::1])")
+    # checked by routescope.viewer.server.parse_port: one-line 'routescope serve: error: --port ...', exit 2
+    p.add_argument("--port", default="5006", help="TCP port, 1-65535 (default 5006)")
     p.add_argument("--allow-remote", action="store_true", help="required to bind beyond loopback")
     p.add_argument("--basic-auth", default=None, help="file with user:password lines (required with --allow-remote)")
     p.add_argument("--results", default=None, help="open a results directory of a dataset job")

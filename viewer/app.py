@@ -8,6 +8,12 @@ Notebook use::
 
 Session state (model, prompt, threshold, targets, selection) lives in a ``ViewState``
 parameterized object, synced to the page URL, so a link reopens the same view.
+
+Untrusted text (prompts, tokens, file and directory names, model names, messages) reaches the
+page only through ``_esc`` (HTML-escaped, bytes that were not UTF-8 shown as U+FFFD): table
+cells are escaped unless they are ``_Safe`` markup built here from escaped parts, and the status
+line and the error alert escape what they are given. Bokeh hover tooltips use ``@field``
+placeholders, which BokehJS escapes (no ``{safe}`` format is used).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import asyncio
 import html
 import json
 import logging
+import re
 import time
 import urllib.parse
 from functools import partial
@@ -29,16 +36,55 @@ import param
 from routescope.cluster.routes import check_targets, check_tau, parse_targets
 from routescope.workers.schema import parse_node
 
-from .config import (UnsafePathError, ViewerConfig, find_root, list_datasets, read_prompts, safe_path)
+from .config import (UnsafePathError, ViewerConfig, dataset_prompts, find_root, is_utf8_name, printable,
+                     safe_path, scan_datasets)
 from .models import ModelRegistry
 from .plot import build_layout, display_token, graph_figure, head_importance, heatmap_figure, hit_test, route_svg
 
 log = logging.getLogger("routescope.viewer")
-_esc = html.escape
+
+
+def _esc(text: Any) -> str:
+    """``text`` as HTML text (quotes too), with bytes that were not UTF-8 shown as U+FFFD."""
+    return html.escape(printable(str(text)))
+
+
+class _Safe(str):
+    """Markup built here from escaped parts: ``_table`` puts it into a cell as it is."""
 
 
 class _LoadError(RuntimeError):
     pass
+
+
+def parse_selection(sel: str, graph: Any) -> str:
+    """The canonical form of a selection ``node:NAME`` or ``edge:KIND:SRC:DST`` of ``graph``
+    (its nodes' layers and positions inside the graph); ``ValueError`` naming the problem."""
+    if not isinstance(sel, str) or len(sel) > 200:
+        raise ValueError("selection: too long")
+
+    def node(name: str) -> str:
+        kind, layer, pos = parse_node(name)
+        name = f"{kind}{layer}_{pos}"
+        if graph is not None:
+            if not 0 <= layer < graph.n_layers:
+                raise ValueError(f"node: {name!r}: layer {layer} outside [0, {graph.n_layers - 1}]")
+            if not 0 <= pos < graph.n_tokens:
+                raise ValueError(f"node: {name!r}: position {pos} outside [0, {graph.n_tokens - 1}]")
+        return name
+
+    what, _, rest = sel.partition(":")
+    if what == "node" and rest:
+        return "node:" + node(rest)
+    if what == "edge":
+        parts = rest.split(":")
+        if len(parts) == 3 and parts[0] in EDGE_KINDS:
+            return f"edge:{parts[0]}:{node(parts[1])}:{node(parts[2])}"
+    raise ValueError(f"selection: {printable(sel)!r} is not node:NAME or edge:KIND:SRC:DST "
+                     f"(KIND one of {', '.join(EDGE_KINDS)})")
+
+
+EDGE_KINDS = ("attn", "res_attn", "ffn_in", "ffn_out", "res_ffn")
 
 
 class ViewState(param.Parameterized):
@@ -61,27 +107,29 @@ class ViewState(param.Parameterized):
 
 
 def _table(rows: list[list[Any]], header: list[str], cls: str, attrs: list[dict[str, Any]] | None = None) -> str:
+    """An HTML table; cells are escaped unless they are ``_Safe``, attribute values always."""
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
     body = []
     for i, r in enumerate(rows):
         a = "" if attrs is None else " ".join(f'data-{k}="{_esc(str(v))}"' for k, v in attrs[i].items())
-        body.append(f"<tr {a}>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>")
+        body.append(f"<tr {a}>" + "".join(f"<td>{c if isinstance(c, _Safe) else _esc(c)}</td>" for c in r) + "</tr>")
     return (f'<table class="rs-table {cls}" style="border-collapse:collapse;font-size:12px">'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
 
 
-def _tok(t: str) -> str:
-    return f"<code>{_esc(display_token(t))}</code>"
+def _tok(t: str) -> _Safe:
+    return _Safe(f"<code>{_esc(display_token(t))}</code>")
 
 
 def _rank_change(item: dict) -> str:
     ch = item.get("rank_change")
     if ch is None:
         return ""
+    ch = int(ch)
     if ch > 0:
-        return f'<span style="color:#2ca02c">\u2191{ch}</span>'
+        return _Safe(f'<span style="color:#2ca02c">\u2191{ch}</span>')
     if ch < 0:
-        return f'<span style="color:#d62728">\u2193{-ch}</span>'
+        return _Safe(f'<span style="color:#d62728">\u2193{-ch}</span>')
     return "="
 
 
@@ -96,7 +144,7 @@ def promoted_html(title: str, res: dict, cls: str) -> str:
     down = [[_tok(x["token"]), f"{x['score']:.3f}"] for x in res["suppressed"]]
     ua = [{"token": x["token"], "score": f"{x['score']:.6f}"} for x in res["promoted"]]
     da = [{"token": x["token"], "score": f"{x['score']:.6f}"} for x in res["suppressed"]]
-    return (f'<div class="{cls}"><b>{_esc(title)}</b><div style="display:flex;gap:12px">'
+    return (f'<div class="{_esc(cls)}"><b>{_esc(title)}</b><div style="display:flex;gap:12px">'
             f"<div>promoted{_table(up, ['token', 'logit'], cls + '-promoted', ua)}</div>"
             f"<div>suppressed{_table(down, ['token', 'logit'], cls + '-suppressed', da)}</div></div></div>")
 
@@ -118,7 +166,10 @@ class ViewerApp:
         self.busy = False
         self.detail: dict[str, Any] = {}  # the numbers shown in the selection panel (tests read these)
         self._stored: dict[str, Any] = {}
-        self._datasets = list_datasets(config.data_dirs)
+        self._pending: dict[str, str] = {}
+        # every dataset file is tried once per file version (cached for all sessions): the page
+        # offers the usable ones and lists why the others cannot be used
+        self._datasets, self._dataset_errors = scan_datasets(config.data_dirs, config.max_dataset_bytes)
         self._build_widgets()
 
     # ----------------------------------------------------------------------------- widgets
@@ -138,6 +189,7 @@ class ViewerApp:
         self.w_pick = pn.widgets.Select(label="Prompt from dataset", options=[""] + list(cfg.prompts), value="")
         self.w_prompt = pn.widgets.TextAreaInput(label=f"Prompt (at most {cfg.max_tokens} tokens)",
                                                  placeholder="Type a prompt", height=80,
+                                                 max_length=cfg.prompt_chars_limit,  # the server checks too
                                                  disabled=cfg.demo_mode)
         self.w_bos = pn.widgets.Checkbox(label="prepend BOS", value=True)
         self.w_run = pn.widgets.Button(label="Run", color="primary")
@@ -151,6 +203,8 @@ class ViewerApp:
         self.error = pn.pane.HTML("", visible=False, sizing_mode="stretch_width")
         self.info = pn.pane.HTML("", css_classes=["rs-info"])
         self.link = pn.pane.HTML("")
+        self.dataset_errors = pn.pane.HTML(self._dataset_errors_html(), visible=bool(self._dataset_errors),
+                                           sizing_mode="stretch_width")
         self.graph_pane = pn.pane.Bokeh(None, sizing_mode="stretch_width")
         self.w_head = pn.widgets.Select(label="Head", options={"all heads": -1}, value=-1, visible=False)
         self.w_neuron = pn.widgets.Select(label="Neuron", options={"top neuron": -1}, value=-1, visible=False)
@@ -185,10 +239,17 @@ class ViewerApp:
         if self._datasets or cfg.prompts:
             self._on_dataset(None)
 
+    def _dataset_errors_html(self) -> str:
+        items = "".join(f'<li data-file="{_esc(name)}">{_esc(why)}</li>' for name, why in self._dataset_errors)
+        return (f'<div class="rs-dataset-errors" data-count="{len(self._dataset_errors)}" style="font-size:12px;'
+                f'color:#842029"><b>{len(self._dataset_errors)} dataset file(s) cannot be used:</b>'
+                f'<ul style="margin:2px 0;padding-left:18px">{items}</ul></div>')
+
     def _results_options(self) -> dict[str, str]:
         opts = {"": ""}
-        for r in self.cfg.results:
-            opts[r.name] = str(r)
+        for i, r in enumerate(self.cfg.results):
+            label = printable(r.name)
+            opts[label if label not in opts else f"{label} ({i})"] = str(i)  # index: names may not be UTF-8
         return opts
 
     # ----------------------------------------------------------------------------- layout
@@ -200,7 +261,7 @@ class ViewerApp:
         controls = pn.Column(
             "### routescope", self.w_source, live, self.stored_box, pn.layout.Divider(), self.w_tau,
             self.w_renorm, self.w_norm, pn.Row(self.w_last_target, self.w_all_targets),
-            pn.Row(self.w_export_json, self.w_export_svg), self.link, self.info, width=320)
+            pn.Row(self.w_export_json, self.w_export_svg), self.link, self.info, self.dataset_errors, width=320)
         self.live_box = live
         main = pn.Column(self.error, self.status, self.graph_pane, sizing_mode="stretch_width")
         detail = pn.Column("#### Selection", self.detail_html, self.w_head, self.w_neuron, self.sub_html,
@@ -215,36 +276,43 @@ class ViewerApp:
 
     # ----------------------------------------------------------------------------- messages
     def show_error(self, msg: str) -> None:
+        """Show ``msg`` (plain text, escaped here) as the page's one error alert."""
+        msg = printable(str(msg))
+        if len(msg) > 2000:
+            msg = msg[:2000] + "\u2026"
         log.info("viewer: %s", msg)
         self.error.object = (f'<div class="rs-error" role="alert" style="background:#f8d7da;color:#842029;'
                              f'border:1px solid #f5c2c7;border-radius:4px;padding:8px 12px">{_esc(msg)}</div>')
         self.error.visible = True
-        self._set_status("error", _esc(msg))
+        self._set_status("error", msg)
 
     def clear_error(self) -> None:
         self.error.visible = False
         self.error.object = ""
 
     def _set_status(self, state: str, text: str, **data: Any) -> None:
+        """The status line: ``text`` is plain text (escaped here), ``data`` its data attributes."""
         attrs = " ".join(f'data-{k}="{_esc(str(v))}"' for k, v in data.items())
-        self.status.object = f'<div class="rs-status" data-state="{state}" {attrs}>{text}</div>'
+        self.status.object = f'<div class="rs-status" data-state="{_esc(state)}" {attrs}>{_esc(text)}</div>'
 
     def _busy(self, on: bool, text: str = "") -> None:
         self.busy = on
         self.spinner.value = on
         self.w_run.disabled = on
         if on:
-            self._set_status("busy", _esc(text))
+            self._set_status("busy", text)
 
     # ----------------------------------------------------------------------------- inputs
+    def _read_dataset(self, value: str) -> list[str]:
+        if (value or "") not in {f"{d}/{f}" for d, f in self._datasets}:
+            raise ValueError(f"dataset {printable(str(value))!r} is not offered by this viewer")
+        dname, rel = value.split("/", 1)
+        return dataset_prompts(find_root(self.cfg.data_dirs, dname), rel, self.cfg.max_dataset_bytes)
+
     def _on_dataset(self, event) -> None:
         value = self.w_dataset.value
         try:
-            if value:
-                dname, rel = value.split("/", 1)
-                prompts = read_prompts(find_root(self.cfg.data_dirs, dname), rel)
-            else:
-                prompts = list(self.cfg.prompts)
+            prompts = self._read_dataset(value) if value else list(self.cfg.prompts)
         except (ValueError, OSError) as exc:
             self.show_error(f"Dataset: {exc}")
             return
@@ -255,13 +323,21 @@ class ViewerApp:
         out = set(self.cfg.prompts)
         for d, f in self._datasets:
             try:
-                out.update(read_prompts(find_root(self.cfg.data_dirs, d), f))
+                out.update(self._read_dataset(f"{d}/{f}"))
             except (ValueError, OSError):
                 pass
         return out
 
-    def check_prompt(self, prompt: str) -> str:
-        if not prompt or not prompt.strip():
+    def check_prompt(self, prompt: Any) -> str:
+        """The prompt, if this viewer traces it: refused here, before any tokenising, when it is
+        not text, empty, over ``max_prompt_chars`` characters, or (demo mode) not configured."""
+        limit = self.cfg.prompt_chars_limit
+        if not isinstance(prompt, str):
+            raise ValueError("The prompt must be text.")
+        if len(prompt) > limit:
+            raise ValueError(f"Cannot trace: prompt: {len(prompt)} characters exceeds this viewer's limit of "
+                             f"{limit} characters")
+        if not prompt.strip():
             raise ValueError("The prompt is empty: type a prompt or pick one from the dataset.")
         if self.cfg.demo_mode and prompt not in self.allowed_prompts():
             raise ValueError("Demo mode: only the configured prompts can be traced.")
@@ -295,7 +371,7 @@ class ViewerApp:
         self.busy = True
         try:
             if not self.reg.is_loaded(entry.spec, device, dtype):
-                self._schedule(self._busy, True, f"Loading model {_esc(entry.name)} ({device}, {dtype})\u2026")
+                self._schedule(self._busy, True, f"Loading model {entry.name} ({device}, {dtype})\u2026")
             else:
                 self._schedule(self._busy, True, f"Tracing {len(prompt)} characters\u2026")
             try:
@@ -416,7 +492,7 @@ class ViewerApp:
         self._highlight()
         ms = (time.perf_counter() - t0) * 1000
         self._set_status("ready", f"{len(edges)} edges on the route of position(s) "
-                         f"{_esc(', '.join(map(str, targets)))} at threshold {self.w_tau.value:.3f} "
+                         f"{', '.join(map(str, targets))} at threshold {self.w_tau.value:.3f} "
                          f"({self._mode()}); {g.n_tokens} tokens, {g.n_layers} layers",
                          edges=len(edges), targets=",".join(map(str, targets)), tau=f"{self.w_tau.value:.3f}",
                          tokens=g.n_tokens, render_ms=f"{ms:.1f}")
@@ -433,9 +509,9 @@ class ViewerApp:
                            ("d_ff", "FFN width"), ("d_vocab", "vocabulary"), ("n_params", "parameters")):
             if key in info:
                 v = info[key]
-                rows.append([label, f"{v:,}" if isinstance(v, int) else _esc(str(v))])
+                rows.append([label, f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)])
         if self.loaded is not None:
-            rows.append(["device / precision", f"{_esc(self.loaded.device)} / {_esc(self.loaded.dtype or 'float32')}"])
+            rows.append(["device / precision", f"{self.loaded.device} / {self.loaded.dtype or 'float32'}"])
         if elapsed is not None:
             rows.append(["load + trace", f"{elapsed:.2f} s"])
         attrs = [{"key": r[0]} for r in rows]
@@ -500,6 +576,10 @@ class ViewerApp:
         hl_nodes = {"x": [], "y": [], "marker": []}
         hl_edges = {"xs": [], "ys": []}
         sel = self.state.sel
+        try:
+            sel = parse_selection(sel, None) if sel else ""
+        except ValueError:
+            sel = ""
         if sel and self.layout is not None:
             from .plot import node_xy
 
@@ -530,11 +610,17 @@ class ViewerApp:
             raise DetailsUnavailableError("stored graph: details need the live model")
         return self.loaded.call(fn, *args, **kwargs)
 
-    def select(self, sel: str) -> None:
-        """Show the panel of a selection: ``node:NAME`` or ``edge:KIND:SRC:DST``."""
+    def select(self, sel: str, prefix: str = "Selection") -> None:
+        """Show the panel of a selection: ``node:NAME`` or ``edge:KIND:SRC:DST``; a malformed one
+        (from a link) or one outside the graph is an error message."""
         if self.graph is None:
             return
         t0 = time.perf_counter()
+        try:
+            sel = parse_selection(sel, self.graph)
+        except ValueError as exc:
+            self.show_error(f"{prefix}: {exc}")
+            return
         if sel != self.state.sel:
             self.state.param.update(sel=sel, head=-1, neuron=-1)
         self._highlight()
@@ -556,9 +642,16 @@ class ViewerApp:
                 else:
                     self._show_residual(dst)
         except DetailsUnavailableError:
-            self._show_stored_detail(sel)
+            try:
+                self._show_stored_detail(sel)
+            except Exception as exc:  # noqa: BLE001 - a stored file's oddity is a message, not a dead session
+                log.exception("viewer: stored detail failed")
+                self.show_error(f"{prefix} {sel}: {type(exc).__name__}: {exc}")
         except ValueError as exc:
-            self.show_error(f"Selection {sel}: {exc}")
+            self.show_error(f"{prefix} {sel}: {exc}")
+        except Exception as exc:  # noqa: BLE001
+            log.exception("viewer: selection failed")
+            self.show_error(f"{prefix} {sel}: {type(exc).__name__}: {exc}")
         ms = (time.perf_counter() - t0) * 1000
         self.detail["ms"] = ms
         self._update_link()
@@ -578,10 +671,10 @@ class ViewerApp:
         normalize = bool(self.w_norm.value)
         top = self._details(g.live.top_tokens, name, k=10, normalize=normalize)
         pred = g.predecessor(name)
-        parts = [f'<div class="rs-detail" data-kind="residual" data-node="{name}">'
-                 f"<b>Residual node {name}</b> ({_esc({'X': 'embedding', 'A': 'after attention', 'I': 'after layer'}[kind])}"
+        parts = [f'<div class="rs-detail" data-kind="residual" data-node="{_esc(name)}">'
+                 f"<b>Residual node {_esc(name)}</b> ({_esc({'X': 'embedding', 'A': 'after attention', 'I': 'after layer'}[kind])}"
                  f" L{layer}, token {_tok(g.tokens[pos])} at position {pos})<br>"
-                 f"Top tokens{' (normalized)' if normalize else ''}, rank change against {pred or 'nothing'}:"
+                 f"Top tokens{' (normalized)' if normalize else ''}, rank change against {_esc(pred or 'nothing')}:"
                  f"{tokens_table(top, 'rs-top-tokens')}"]
         self.detail = {"kind": "residual", "node": name, "top": top}
         if kind != "X":
@@ -609,7 +702,8 @@ class ViewerApp:
         attrs = [{"head": -1, "value": f"{heads.sum():.6f}"}] + [{"head": int(h), "value": f"{heads[h]:.6f}"} for h in order]
         self.detail = {"kind": "attention", "layer": layer, "target": tgt, "source": source, "heads": heads}
         self.detail_html.object = (
-            f'<div class="rs-detail" data-kind="attention" data-edge="{src}:{dst}"><b>Attention edge {src} \u2192 {dst}</b>'
+            f'<div class="rs-detail" data-kind="attention" data-edge="{_esc(src)}:{_esc(dst)}"><b>Attention edge '
+            f'{_esc(src)} \u2192 {_esc(dst)}</b>'
             f" (layer {layer}, from {_tok(g.tokens[source])} at {source} to {_tok(g.tokens[tgt])} at {tgt})"
             f"{'' if w is None else f'; route weight {w:.4f}'}<br>Heads ranked by contribution c_attn[{tgt}, {source}, h]:"
             f"{_table(rows, ['head', 'contribution'], 'rs-heads', attrs)}</div>")
@@ -644,7 +738,7 @@ class ViewerApp:
             at_label = f"Head {h} of L{layer} at position {tgt}"
         edge = self._details(g.live.promoted, "edge", layer, tgt, head=h, source=source, k=10, normalize=normalize)
         d.update(head=head, pattern=pattern, contrib=contrib, head_promoted=at_pos, edge_promoted=edge)
-        self.sub_html.object = (f'<div class="rs-head-detail" data-head="{head}">'
+        self.sub_html.object = (f'<div class="rs-head-detail" data-head="{int(head)}">'
                                 + promoted_html(at_label, at_pos, "rs-head-promoted")
                                 + promoted_html(f"This edge's vector ({'all heads' if h is None else f'head {h}'}, "
                                                 f"source {source})", edge, "rs-edge-promoted") + "</div>")
@@ -666,7 +760,7 @@ class ViewerApp:
         attrs = [{"neuron": n["neuron"], "contribution": f"{n['contribution']:.6f}"} for n in neurons]
         self.detail = {"kind": "ffn", "node": name, "layer": layer, "pos": pos, "neurons": neurons, "promoted": block}
         self.detail_html.object = (
-            f'<div class="rs-detail" data-kind="ffn" data-node="{name}"><b>FFN block {name}</b> (layer {layer}, '
+            f'<div class="rs-detail" data-kind="ffn" data-node="{_esc(name)}"><b>FFN block {_esc(name)}</b> (layer {layer}, '
             f"token {_tok(g.tokens[pos])} at {pos})<br>Top neurons by contribution:"
             f"{_table(rows, ['neuron', 'contribution', 'activation'], 'rs-neurons', attrs)}"
             + promoted_html("Tokens the FFN block promoted and suppressed", block, "rs-block-promoted") + "</div>")
@@ -691,7 +785,7 @@ class ViewerApp:
                              normalize=bool(self.w_norm.value))
         act = next((n["activation"] for n in d["neurons"] if n["neuron"] == neuron), None)
         d.update(neuron=neuron, neuron_promoted=prom)
-        self.sub_html.object = (f'<div class="rs-neuron-detail" data-neuron="{neuron}">'
+        self.sub_html.object = (f'<div class="rs-neuron-detail" data-neuron="{int(neuron)}">'
                                 + promoted_html(f"Neuron {neuron} (activation {act:.3f}; vector = activation \u00d7 "
                                                 "W_out row, sign respected)" if act is not None else f"Neuron {neuron}",
                                                 prom, "rs-neuron-promoted") + "</div>")
@@ -750,20 +844,31 @@ class ViewerApp:
                 root = find_root(self.cfg.data_dirs, root_name)
                 folder = safe_path(root, rel) if rel else root
             elif configured:
-                folder = Path(configured)
-                if folder not in self.cfg.results:
-                    raise UnsafePathError("results directory is not configured")
+                if configured.isdigit() and int(configured) < len(self.cfg.results):  # the Select's value
+                    folder = self.cfg.results[int(configured)]
+                else:
+                    folder = Path(configured)
+                    if folder not in self.cfg.results:
+                        raise UnsafePathError("results directory is not configured")
             else:
                 raise ValueError("choose a results directory")
+            shown = printable(relative or folder.name)
             if not folder.is_dir():
-                raise FileNotFoundError(f"results directory {relative or folder.name!r} does not exist")
-            files = []
+                raise FileNotFoundError(f"results directory {shown!r} does not exist")
+            files, skipped = [], []
             for p in sorted(list(folder.glob("*.msgpack")) + list(folder.glob("*/*.msgpack"))):
                 rel_p = p.relative_to(folder).as_posix()
-                safe_path(folder, rel_p)  # symlinks pointing out are refused
+                if not is_utf8_name(rel_p):
+                    skipped.append((printable(rel_p), "the file name is not valid UTF-8"))
+                    continue
+                try:
+                    safe_path(folder, rel_p)
+                except UnsafePathError as exc:  # symlinks pointing out are refused
+                    skipped.append((rel_p, str(exc)))
+                    continue
                 files.append(rel_p)
             if not files:
-                raise FileNotFoundError(f"results directory {relative or folder.name!r} holds no .msgpack graphs")
+                raise FileNotFoundError(f"results directory {shown!r} holds no .msgpack graphs")
         except (ValueError, OSError) as exc:
             self.w_files.options = []
             self.importance.objects = []
@@ -771,22 +876,28 @@ class ViewerApp:
             return []
         self._results_folder = folder
         self.w_files.options = [""] + files
-        self._set_status("results", f"{len(files)} stored graphs in {_esc(folder.name)}", files=len(files))
-        self._show_importance(files)
+        self._set_status("results", f"{len(files)} stored graphs in {printable(folder.name)}", files=len(files))
+        try:
+            self._show_importance(files, skipped)
+        except Exception as exc:  # noqa: BLE001 - odd files are a message, not a dead session
+            log.exception("viewer: head importance failed")
+            self.show_error(f"Results: {type(exc).__name__}: {exc}")
         return files
 
-    def _show_importance(self, files: list[str]) -> None:
+    def _show_importance(self, files: list[str], skipped: list[tuple[str, str]] = ()) -> None:
         from routescope.cluster.graph import FlowGraph
 
-        graphs, bad = [], []
+        graphs, bad, why = [], [], list(skipped)
         for f in files[:500]:
             try:
                 graphs.append(FlowGraph.load(safe_path(self._results_folder, f)))
-            except Exception:  # noqa: BLE001 - corrupt files are reported, not fatal
+            except Exception as exc:  # noqa: BLE001 - corrupt files are reported, not fatal
                 bad.append(f)
-        self._stored = {"graphs": graphs, "bad": bad}
+                why.append((f, f"{type(exc).__name__}: {exc}"))
+        self._stored = {"graphs": graphs, "bad": bad, "errors": why}
         if not graphs:
-            self.show_error(f"Results: none of the {len(files)} graphs could be read (corrupt files?)")
+            first = f": {why[0][0]}: {why[0][1][:300]}" if why else ""
+            self.show_error(f"Results: none of the {len(files)} graphs could be read (corrupt files?){first}")
             return
         tau = float(self.w_tau.value)
         try:
@@ -797,7 +908,11 @@ class ViewerApp:
         self._stored["importance"] = imp
         fig = heatmap_figure(imp.T, f"Head importance over {len(graphs)} prompts (tau {tau:.3f})", "layer", "head",
                              "rs-importance", palette="Viridis256", height=260, width=420)
-        note = f"<i>{len(bad)} unreadable file(s): {_esc(', '.join(bad[:5]))}</i>" if bad else ""
+        note = ""
+        if why:
+            items = "".join(f'<li data-file="{_esc(f)}">{_esc(f)}: {_esc(w[:300])}</li>' for f, w in why[:20])
+            note = (f'<div class="rs-results-errors" data-count="{len(why)}"><i>{len(why)} unreadable file(s) '
+                    f"skipped:</i><ul style=\"margin:2px 0;padding-left:18px;font-size:12px\">{items}</ul></div>")
         self.importance.objects = [pn.pane.HTML(f'<div class="rs-importance" data-prompts="{len(graphs)}">'
                                                 f"<b>Dataset head importance</b> {note}</div>"), pn.pane.Bokeh(fig)]
 
@@ -811,8 +926,14 @@ class ViewerApp:
         except Exception as exc:  # noqa: BLE001 - corrupt or missing file
             self.show_error(f"Stored graph {rel!r} cannot be read: {type(exc).__name__}: {exc}")
             return
-        self.state.param.update(source="stored", result=f"{self._results_folder.name}/{rel}", prompt=graph.prompt or "")
-        self.set_graph(graph, None)
+        prompt = graph.prompt if isinstance(graph.prompt, str) else ""
+        try:
+            self.state.param.update(source="stored", result=printable(f"{self._results_folder.name}/{rel}"),
+                                    prompt=printable(prompt))
+            self.set_graph(graph, None)
+        except Exception as exc:  # noqa: BLE001 - a file that loads but cannot be drawn
+            log.exception("viewer: stored graph cannot be shown")
+            self.show_error(f"Stored graph {rel!r} cannot be shown: {type(exc).__name__}: {exc}")
 
     # ----------------------------------------------------------------------------- export
     def _export_json(self):
@@ -832,7 +953,11 @@ class ViewerApp:
 
     # ----------------------------------------------------------------------------- URL state
     def apply_query(self, query: dict[str, str]) -> bool:
-        """Set widgets from a URL query; returns whether a live run should start."""
+        """Set widgets from a URL query; returns whether a live run should start.
+
+        A malformed value (tau not a number or outside (0, 1), head/neuron not an integer, a model
+        not offered) is one error message and runs nothing; targets and selection are checked
+        against the traced graph (``apply_pending``)."""
         if query.get("model"):
             try:
                 self.w_model.value = self.cfg.model(query["model"]).name
@@ -851,51 +976,83 @@ class ViewerApp:
                 self.show_error(f"Link: {exc}")
                 return False
             self.w_tau.value = min(max(round(tau / 0.005) * 0.005, 0.01), 0.10)
+        for key in ("head", "neuron"):
+            if key in query:
+                text = query[key].strip()
+                if not re.fullmatch(r"-?[0-9]{1,9}", text):
+                    self.show_error(f"Link: {key}: {query[key]!r} is not an integer")
+                    return False
         if query.get("renormalize") == "false":
             self.w_renorm.value = False
         self._pending = {k: query[k] for k in ("targets", "sel", "head", "neuron") if k in query}
-        if query.get("prompt") and not self.cfg.demo_mode or query.get("prompt") in self.allowed_prompts():
-            self.w_prompt.value = query.get("prompt", "")
-            return bool(query.get("prompt"))
-        return False
+        prompt = query.get("prompt", "")
+        if not prompt:
+            return False
+        if self.cfg.demo_mode and prompt not in self.allowed_prompts():
+            return False
+        if len(prompt) > self.cfg.prompt_chars_limit:
+            self.show_error(f"Link: prompt: {len(prompt)} characters exceeds this viewer's limit of "
+                            f"{self.cfg.prompt_chars_limit} characters")
+            return False
+        self.w_prompt.value = prompt
+        return True
 
     def apply_pending(self) -> None:
-        p = getattr(self, "_pending", {})
+        """The link's targets, head/neuron and selection, once its graph is traced."""
+        p = self._pending
         self._pending = {}
         if not p or self.graph is None:
             return
         if p.get("targets"):
             try:
                 spec = parse_targets(p["targets"])
-                check_targets(range(self.graph.n_tokens) if spec == "all" else spec, self.graph.n_tokens)
+                targets = check_targets(range(self.graph.n_tokens) if spec == "all" else spec, self.graph.n_tokens)
             except ValueError as exc:
                 self.show_error(f"Link: {exc}")
-            else:
-                self.set_targets(p["targets"])
-        try:
-            self.state.head = int(p.get("head", -1))
-            self.state.neuron = int(p.get("neuron", -1))
-        except ValueError:
-            pass
+                return
+            self.set_targets("all" if spec == "all" else targets)
+        head, neuron = int(p.get("head", -1)), int(p.get("neuron", -1))  # checked by apply_query
         if p.get("sel"):
-            head, neuron = self.state.head, self.state.neuron
-            self.state.sel = p["sel"]
-            self.state.head, self.state.neuron = head, neuron
-            self.select(p["sel"])
+            try:
+                sel = parse_selection(p["sel"], self.graph)
+            except ValueError as exc:
+                self.show_error(f"Link: {exc}")
+                return
+            self.state.param.update(sel=sel, head=head, neuron=neuron)
+            self.select(sel, prefix="Link")
+
+
+def _broken_page(exc: BaseException) -> pn.viewable.Viewable:
+    """What a visitor gets when the page itself cannot be built: one message, no traceback."""
+    return pn.Column("### routescope", pn.pane.HTML(
+        '<div class="rs-error" role="alert" style="background:#f8d7da;color:#842029;border:1px solid #f5c2c7;'
+        f'border-radius:4px;padding:8px 12px">The viewer could not build this page: {_esc(type(exc).__name__)}: '
+        f"{_esc(exc)}</div>", sizing_mode="stretch_width"))
 
 
 def create_app(config: ViewerConfig, registry: ModelRegistry) -> pn.viewable.Viewable:
-    """A new session's page; runs the URL's prompt when the link carries one."""
-    app = ViewerApp(config, registry)
-    root = app.panel()
+    """A new session's page; runs the URL's prompt when the link carries one. Never raises: a
+    failure while building the page is shown as one error message (and logged)."""
+    try:
+        app = ViewerApp(config, registry)
+        root = app.panel()
+    except Exception as exc:  # noqa: BLE001 - a bad file must never blank the page for everyone
+        log.exception("viewer: building a page failed")
+        return _broken_page(exc)
     root.routescope_app = app  # tests and notebooks can reach the session
     query = {}
     try:
         args = pn.state.session_args or {}
-        query = {k: v[0].decode() for k, v in args.items() if v}
+        query = {str(k): v[0].decode("utf-8", "replace") for k, v in args.items() if v}
     except Exception:  # noqa: BLE001
         pass
-    if query and app.apply_query(query):
+    try:
+        start_run = bool(query) and app.apply_query(query)
+    except Exception as exc:  # noqa: BLE001
+        log.exception("viewer: applying a link failed")
+        app.show_error(f"Link: {type(exc).__name__}: {exc}")
+        start_run = False
+    if start_run:
         async def start():
             await app.run(then=app.apply_pending)
 

@@ -72,38 +72,108 @@ def plot_overview(source: Source, *, tau: float | None = None, mode: str | None 
     return fig
 
 
+def _esc(value: object) -> str:
+    """``value`` as HTML text; bytes that were not UTF-8 shown as U+FFFD."""
+    import html
+
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return html.escape(text)
+
+
+def _errors_pane(errors: list[str]) -> "pn.pane.HTML":
+    import panel as pn
+
+    items = "".join(f"<li>{_esc(e[:500])}</li>" for e in errors)
+    return pn.pane.HTML(f'<div class="rs-error" role="alert" style="background:#f8d7da;color:#842029;'
+                        f'border:1px solid #f5c2c7;border-radius:4px;padding:6px 10px">'
+                        f'<ul style="margin:0;padding-left:18px">{items}</ul></div>', sizing_mode="stretch_width")
+
+
 def panel(results: "Results | str", *, tau: float | None = None, mode: str | None = None) -> "pn.Column":
-    """The stored-results view: statistics heatmaps, tables, and the route of a chosen prompt."""
+    """The stored-results view: statistics heatmaps, tables, and the route of a chosen prompt.
+
+    Everything read from the directory (its name, manifest fields, prompts, tokens, error
+    messages) is shown escaped: the header is an HTML pane of escaped text (not Markdown, which
+    passes HTML through), tables are DataFrame panes with ``escape=True``. A part that cannot be
+    read (a corrupt manifest.json or failed.json, corrupt prompt files, statistics that fail) is
+    listed in an error box and left out; the rest is still shown. Never raises for a bad directory.
+    """
     import matplotlib.pyplot as plt
     import pandas as pd
     import panel as pn
 
-    res = results if isinstance(results, Results) else Results(results)
-    fig = plot_overview(res, tau=tau, mode=mode)
-    plt.close(fig)
-    imp = importance(res, tau=tau, mode=mode)
-    heads = imp[imp.kind == "head"].sort_values("weighted", ascending=False).head(20)
+    errors: list[str] = []
+
+    def attempt(what: str, fn, default=None):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - any unreadable part is reported and skipped
+            errors.append(f"{what}: {type(exc).__name__}: {exc}")
+            return default
+
+    try:
+        res = results if isinstance(results, Results) else Results(results)
+    except Exception as exc:  # noqa: BLE001
+        return pn.Column(_errors_pane([f"results {results}: {type(exc).__name__}: {exc}"]))
+    m = attempt("manifest.json", lambda: res.manifest, {})
+    if not isinstance(m, dict):
+        errors.append(f"manifest.json: not a JSON object ({type(m).__name__})")
+        m = {}
+    failed = attempt("failed.json", lambda: res.failed, None)
+    n_failed = len(failed) if isinstance(failed, list) else "?"  # ?: unreadable
+    if failed is not None and not isinstance(failed, list):
+        errors.append(f"failed.json: not a JSON array ({type(failed).__name__})")
+    n_done = attempt("prompts", lambda: len(res), 0)
+    problems = attempt("prompts", res.problems, {}) or {}
+    for index, why in list(problems.items())[:20]:
+        errors.append(f"prompt {index}: skipped: {why}")
+    job_options = m.get("options", {})
+    if not isinstance(job_options, dict):
+        errors.append(f"manifest.json: options is not an object ({type(job_options).__name__})")
+        job_options = {}
+
+    header = pn.pane.HTML(
+        f'<h3 class="rs-results-header">{_esc(res.path.name)}: {_esc(m.get("model"))} ({_esc(n_done)} prompts, '
+        f"{_esc(n_failed)} failed, status {_esc(m.get('status'))})</h3>", sizing_mode="stretch_width")
+    parts: list = [header]
+    fig = attempt("statistics", lambda: plot_overview(res, tau=tau, mode=mode))
+    if fig is not None:
+        plt.close(fig)
+        parts.append(pn.pane.Matplotlib(fig, tight=True, dpi=80))
+    imp = attempt("importance", lambda: importance(res, tau=tau, mode=mode))
+    tables = []
+    if imp is not None:
+        heads = imp[imp.kind == "head"].sort_values("weighted", ascending=False).head(20)
+        tables.append(pn.Column("#### heads by weighted importance", pn.pane.DataFrame(heads, index=False, escape=True)))
     try:
         prev = previous_token(res, tau=tau, mode=mode).sort_values("prev_token", ascending=False).head(20)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError):  # no attention sums (or only summaries)
         prev = None
-    prompts = res.table()
-    options = {f"{r['index']}: {str(r['prompt'])[:60]}": int(r["index"]) for _, r in prompts.iterrows()}
-    select = pn.widgets.Select(name="prompt", options=options)
-    m = res.manifest
-    job_options = m.get("options", {})
+    except Exception as exc:  # noqa: BLE001
+        errors.append(f"previous-token heads: {type(exc).__name__}: {exc}")
+        prev = None
+    if prev is not None:
+        tables.append(pn.Column("#### previous-token heads", pn.pane.DataFrame(prev, index=False, escape=True)))
+    if tables:
+        parts.append(pn.Row(*tables))
+    prompts = attempt("prompt table", res.table)
+    if prompts is not None and len(prompts):
+        options = {f"{r['index']}: {str(r['prompt'])[:60]}": int(r["index"]) for _, r in prompts.iterrows()}
+        select = pn.widgets.Select(name="prompt", options=options)
 
-    def route_table(index: int) -> "pn.pane.DataFrame":
-        route = res.graph(index).route(job_options.get("tau", 0.04) if tau is None else tau,
-                                       mode or job_options.get("mode", "renormalize"))
-        return pn.pane.DataFrame(pd.DataFrame(route.records()), max_rows=40)
+        def route_table(index: int):
+            try:
+                route = res.graph(index).route(job_options.get("tau", 0.04) if tau is None else tau,
+                                               mode or job_options.get("mode", "renormalize"))
+                return pn.pane.DataFrame(pd.DataFrame(route.records()), max_rows=40, escape=True)
+            except Exception as exc:  # noqa: BLE001
+                return _errors_pane([f"prompt {index}: {type(exc).__name__}: {exc}"])
 
-    header = pn.pane.Markdown(
-        f"### {res.path.name}: {m.get('model')} ({len(res)} prompts, {len(res.failed)} failed, "
-        f"status {m.get('status')})")
-    return pn.Column(
-        header, pn.pane.Matplotlib(fig, tight=True, dpi=80),
-        pn.Row(pn.Column("#### heads by weighted importance", pn.pane.DataFrame(heads, index=False)),
-               *([pn.Column("#### previous-token heads", pn.pane.DataFrame(prev, index=False))] if prev is not None else [])),
-        select, pn.bind(route_table, select),
-    )
+        parts += [select, pn.bind(route_table, select)]
+    if errors:
+        parts.insert(1, _errors_pane(errors))
+    return pn.Column(*parts)
