@@ -20,14 +20,15 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 import torch
 
+from routescope.workers.adapter import adapter_label, resolve_adapter
 from routescope.workers.checkpoint import Checkpoint, resolve
 from routescope.workers.edgeset import EdgeSet
 from routescope.workers.schema import (DEFAULT_MODEL, DEFAULT_TAU_MIN, NORMS, ModelInfo, Norm, TraceMeta,
                                        check_choice)
-from routescope.workers.stage import RunEvictedError, Stage, load_config
+from routescope.workers.stage import RunEvictedError, Stage
 
 from .graph import FlowGraph
-from .layout import plan
+from .layout import balance, plan
 from .live import LiveRun
 from .stage_clients import LocalStageClient, StageClient
 
@@ -64,12 +65,15 @@ def validate_prompt(prompt: Any, index: int | None = None) -> str:
 class Pipeline:
     """A model split into stages, ready to trace prompts and answer detail queries."""
 
-    def __init__(self, checkpoint: Checkpoint, clients: Sequence[StageClient], info: ModelInfo, tokenizer,
-                 *, max_tokens: int | None = None, batch_size: int = 8, max_runs: int = MAX_RUNS):
-        self.checkpoint = checkpoint
+    def __init__(self, checkpoint: Checkpoint | None, clients: Sequence[StageClient], info: ModelInfo, tokenizer,
+                 *, max_tokens: int | None = None, batch_size: int = 8, max_runs: int = MAX_RUNS,
+                 adapter: str | None = None):
+        self.checkpoint = checkpoint  # None for a model read by a user adapter (``adapter``)
+        self.adapter = adapter
         self.clients = list(clients)
-        # A stage's own ModelInfo counts only its parameters; the model's are in the checkpoint.
-        self.info = dataclasses.replace(info, n_params=checkpoint.n_parameters())
+        # A stage's own ModelInfo counts only its parameters; the model's are in the checkpoint
+        # (a user adapter's pipeline is given the sum over its stages).
+        self.info = info if checkpoint is None else dataclasses.replace(info, n_params=checkpoint.n_parameters())
         self.tokenizer = tokenizer
         self.max_tokens = min(info.n_ctx, max_tokens) if max_tokens else info.n_ctx
         self.batch_size = batch_size
@@ -81,19 +85,29 @@ class Pipeline:
 
     # ----------------------------------------------------------------------------- building
     @classmethod
-    def local(cls, model: str | Checkpoint = DEFAULT_MODEL, *, stages: int | None = None,
+    def local(cls, model: str | Checkpoint | None = DEFAULT_MODEL, *, stages: int | None = None,
               layers: str | None = None, device: str = "cpu", dtype: str | None = None,
               max_tokens: int | None = None, cache_bytes: int = 2 * 2**30,
-              chunk_bytes: int | None = None) -> "Pipeline":
+              chunk_bytes: int | None = None, adapter: Any = None) -> "Pipeline":
         """All stages in this process (one stage unless ``stages``/``layers`` say otherwise).
-        ``chunk_bytes``: the contribution chunks' working memory (default: sized to the device)."""
-        checkpoint = model if isinstance(model, Checkpoint) else resolve(model)
-        n_layers = int(load_config(checkpoint).num_hidden_layers)
-        ranges = plan(checkpoint, n_layers, stages=stages, layers=layers)
-        built = [Stage(checkpoint, a, b, device=device, dtype=dtype, cache_bytes=cache_bytes, chunk_bytes=chunk_bytes)
+        ``chunk_bytes``: the contribution chunks' working memory (default: sized to the device).
+        ``adapter``: a user's model adapter (``docs/adapters.md``): a dotted path
+        ``module.path:factory`` / ``module.path.ClassName``, a factory or class (called with
+        ``model=model`` if it takes ``model``), or an adapter object; None: the checkpoint ``model``
+        through TransformerBridge."""
+        if adapter is None:
+            checkpoint = model if isinstance(model, Checkpoint) else resolve(model)
+            source = resolve_adapter(None, checkpoint)
+        else:
+            checkpoint, source = None, resolve_adapter(adapter, model)
+        ranges = plan_layers(checkpoint, source.n_layers, stages=stages, layers=layers)
+        built = [Stage(source, a, b, device=device, dtype=dtype, cache_bytes=cache_bytes, chunk_bytes=chunk_bytes)
                  for a, b in ranges]
-        return cls(checkpoint, [LocalStageClient(s) for s in built], built[-1].info, built[-1].tokenizer,
-                   max_tokens=max_tokens)
+        info = built[-1].info
+        if checkpoint is None:
+            info = dataclasses.replace(info, n_params=sum(s.info.n_params for s in built))
+        return cls(checkpoint, [LocalStageClient(s) for s in built], info, source.tokenizer,
+                   max_tokens=max_tokens, adapter=adapter_label(adapter))
 
     @property
     def layout(self) -> list[tuple[int, int]]:
@@ -224,6 +238,15 @@ class Pipeline:
         handles = self._submit([ids], [run_id], norm, tau_min)
         for client, h in zip(self.clients, handles):
             client.fetch(h)
+
+
+def plan_layers(checkpoint: Checkpoint | None, n_layers: int, *, stages: int | None = None,
+                layers: str | None = None) -> list[tuple[int, int]]:
+    """``layout.plan``; without a checkpoint (a user adapter) ``stages`` get equal numbers of layers."""
+    if checkpoint is None and layers is None and isinstance(stages, int) and not isinstance(stages, bool) \
+            and 1 < stages <= n_layers:
+        return balance([1] * n_layers, stages)
+    return plan(checkpoint, n_layers, stages=stages, layers=layers)
 
 
 def _is_evicted(exc: BaseException) -> bool:

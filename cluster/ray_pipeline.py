@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -28,12 +29,12 @@ from typing import Any
 import ray
 
 from routescope.workers.actor import stage_actor_class
+from routescope.workers.adapter import adapter_label, resolve_adapter
+from routescope.workers.bridge_adapter import load_config, load_tokenizer
 from routescope.workers.checkpoint import Checkpoint, resolve
 from routescope.workers.schema import DEFAULT_MODEL
-from routescope.workers.stage import load_config, load_tokenizer
 
-from .layout import plan
-from .pipeline import Pipeline
+from .pipeline import Pipeline, plan_layers
 from .stage_clients import RayStageClient, StageError, StageTimeoutError
 
 __all__ = ["ray_pipeline", "RayPipeline", "ClusterResourceError", "StageError", "StageTimeoutError"]
@@ -151,11 +152,14 @@ def ray_pipeline(model: str | Checkpoint = DEFAULT_MODEL, *, stages: int | None 
                  dtype: str | None = None, max_tokens: int | None = None, cache_bytes: int = 2 * 2**30,
                  retries: int = 1, max_restarts: int = -1, timeout_s: float | None = 300.0,
                  ready_timeout_s: float = 60.0, load_timeout_s: float = 600.0, transport: str = "auto",
-                 batch_size: int = 8) -> RayPipeline:
+                 batch_size: int = 8, adapter: Any = None) -> RayPipeline:
     """A ``Pipeline`` whose stages are Ray actors (see the module docstring).
 
     ``address``: a Ray address, ``"local"`` (start a local Ray here), or None (``RAY_ADDRESS``, else
     local). If Ray is already initialised in this process, that cluster is used.
+    ``adapter``: a user's model adapter as a dotted path (``module.path:factory`` or
+    ``module.path.ClassName``, see ``docs/adapters.md``), imported here (layers, tokenizer) and
+    again by every stage actor on its node; the module must be importable there too.
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"transport: {transport!r} is not one of {', '.join(TRANSPORTS)}")
@@ -163,9 +167,14 @@ def ray_pipeline(model: str | Checkpoint = DEFAULT_MODEL, *, stages: int | None 
         raise ValueError("gpus_per_stage and cpus_per_stage must be >= 0")
     if retries < 0:
         raise ValueError(f"retries: {retries} must be >= 0")
-    checkpoint = model if isinstance(model, Checkpoint) else resolve(model)
-    n_layers = int(load_config(checkpoint).num_hidden_layers)
-    ranges = plan(checkpoint, n_layers, stages=stages, layers=layers)
+    if adapter is None:
+        checkpoint = model if isinstance(model, Checkpoint) else resolve(model)
+        n_layers = int(load_config(checkpoint).num_hidden_layers)
+        tokenizer = None
+    else:
+        source = resolve_adapter(adapter, model)  # here: the layout and the tokenizer; the actors build their own
+        checkpoint, n_layers, tokenizer = None, int(source.n_layers), source.tokenizer
+    ranges = plan_layers(checkpoint, n_layers, stages=stages, layers=layers)
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or "local"
     owns_ray = connect(address, num_cpus=max(os.cpu_count() or 1, cpus_per_stage * len(ranges)))
@@ -194,7 +203,7 @@ def ray_pipeline(model: str | Checkpoint = DEFAULT_MODEL, *, stages: int | None 
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         # The actor re-resolves the spec itself, so a cluster node converts or finds the checkpoint locally.
-        spec = checkpoint if isinstance(model, Checkpoint) else str(model)
+        spec = (checkpoint if isinstance(model, Checkpoint) else str(model)) if adapter is None else model
         device = "cuda" if gpus_per_stage > 0 else "cpu"
         threads = max(1, int(cpus_per_stage)) if cpus_per_stage > 0 else 1
         for i, (a, b) in enumerate(ranges):
@@ -203,7 +212,8 @@ def ray_pipeline(model: str | Checkpoint = DEFAULT_MODEL, *, stages: int | None 
                 max_task_retries=retries, name=None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg,
                                                                      placement_group_bundle_index=i),
-            ).remote(spec, a, b, device=device, dtype=dtype, cache_bytes=cache_bytes, threads=threads)
+            ).remote(spec, a, b, device=device, dtype=dtype, cache_bytes=cache_bytes, threads=threads,
+                     **({} if adapter is None else {"adapter": adapter}))
             clients.append(RayStageClient(actor, i, a, b, last=b == n_layers, retries=retries,
                                           timeout_s=timeout_s, transport=transport if direct else None))
         t0 = time.perf_counter()
@@ -215,8 +225,12 @@ def ray_pipeline(model: str | Checkpoint = DEFAULT_MODEL, *, stages: int | None 
             from ray.experimental.collective import create_collective_group
 
             create_collective_group([c.actor for c in clients], backend="torch_gloo" if transport == "gloo" else "nccl")
-        pipe = RayPipeline(checkpoint, clients, infos[-1]["info"], load_tokenizer(checkpoint),
-                           max_tokens=max_tokens, batch_size=batch_size, placement_group=pg, owns_ray=owns_ray)
+        info = infos[-1]["info"]
+        if checkpoint is None:  # a user adapter: the model's parameters are its stages'
+            info = dataclasses.replace(info, n_params=sum(i["info"].n_params for i in infos))
+        pipe = RayPipeline(checkpoint, clients, info, load_tokenizer(checkpoint) if tokenizer is None else tokenizer,
+                           max_tokens=max_tokens, batch_size=batch_size, placement_group=pg, owns_ray=owns_ray,
+                           adapter=adapter_label(adapter))
         pipe.stage_info = infos
         pipe.transport = transport if direct else "object_store"
         pipe.strategy = strategy

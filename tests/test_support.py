@@ -68,10 +68,10 @@ def test_unsupported_architecture_is_refused_with_its_name_and_reason(model_dirs
 def test_the_probe_alone_refuses_blocks_whose_parts_do_not_add_up(model_dirs, monkeypatch, name, message):
     """With the known-family gate off, and for Gemma-2 / OLMo-2 without the linearised norms of
     SPEC 4a, the probe sees parts that do not add up and refuses."""
-    from routescope.workers import stage
+    from routescope.workers import bridge_adapter
 
     monkeypatch.setattr(support, "check_architecture", lambda config, model: None)
-    monkeypatch.setattr(stage, "_block_norms", lambda model, d_model: None)
+    monkeypatch.setattr(bridge_adapter, "_block_norms", lambda model, d_model: None)
     with pytest.raises(support.UnsupportedModelError, match="SPEC|sum of its parts") as err:
         Pipeline.local(Checkpoint(model_dirs[name], name))
     assert message in str(err.value)

@@ -1,7 +1,7 @@
 """A pipeline stage as a Ray actor.
 
 ``StageActor`` holds one ``Stage`` (layers ``[start, stop)``, loaded straight onto the actor's
-device) and exposes a narrow interface: ``forward`` (residual in, residual and msgpack edge sets
+device; a user adapter given as a dotted path is imported on the actor's node) and exposes a narrow interface: ``forward`` (residual in, residual and msgpack edge sets
 out: bytes, since they leave the process), the typed detail questions of ``details.StageDetails``
 through ``detail`` (only the names in ``DETAIL_METHODS``; anything else is refused), ``ready`` and
 ``pid``. The coordinator's client for it is ``routescope.cluster.stage_clients.RayStageClient``.
@@ -32,7 +32,7 @@ class StageActorImpl:
     """The body of the stage actor (decorated by ``ray.remote`` in ``stage_actor_class``)."""
 
     def __init__(self, model: Any, start: int, stop: int, *, device: str = "cpu", dtype: str | None = None,
-                 cache_bytes: int = 2 * 2**30, threads: int | None = None):
+                 cache_bytes: int = 2 * 2**30, threads: int | None = None, adapter: Any = None):
         from .stage import Stage
 
         if threads:
@@ -40,7 +40,8 @@ class StageActorImpl:
         if device == "cuda" and torch.cuda.is_available():
             device = "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU(s)
         t0 = time.perf_counter()
-        self.stage = Stage(model, start, stop, device=device, dtype=dtype, cache_bytes=cache_bytes)
+        # A user adapter named by a dotted path is imported again here, on the actor's node.
+        self.stage = Stage(model, start, stop, device=device, dtype=dtype, cache_bytes=cache_bytes, adapter=adapter)
         self.load_s = time.perf_counter() - t0
         self._kept: dict[str, torch.Tensor] = {}
 

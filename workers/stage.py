@@ -1,26 +1,26 @@
-"""A pipeline stage: layers ``[start, stop)`` of a model, as their own TransformerBridge.
+"""A pipeline stage: layers ``[start, stop)`` of a model, with capture, contributions and details.
 
-A stage is built as a smaller Hugging Face model with ``stop - start`` layers whose tensors are
-read (renumbered) from the checkpoint's safetensors; the first stage also holds the token
-embedding, the last the final norm and unembedding. It is wrapped by ``TransformerBridge`` and
-its hook points are the only way routescope reads model internals. A single process is a
-one-stage pipeline; the Ray actors of ``workers.actor`` hold one ``Stage`` each.
+The model side is a ``workers.adapter.LayerRange`` built by a ``ModelAdapter``: by default
+``workers.bridge_adapter.BridgeAdapter`` (a Hugging Face checkpoint read through TransformerLens'
+``TransformerBridge``), or a user's own adapter (``docs/adapters.md``). The stage works on what
+the range reports per layer (the hook names of ``workers.adapter.HOOKS``) and its ``W_O`` /
+``W_out``: forward with capture, contributions and edge sets, the activation cache, the typed detail
+answers, and the load-time probe of ``workers.support``. A single process is a one-stage pipeline;
+the Ray actors of ``workers.actor`` hold one ``Stage`` each.
 """
 
 from __future__ import annotations
 
-import copy
-import re
 import threading
 from collections import OrderedDict
-from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint, resolve
-from .conversion import CheckpointMapping
+from .adapter import HOOKS, AdapterError, ModelAdapter, check_range, resolve_adapter
+from .bridge_adapter import _layer_key, load_config, load_tokenizer  # noqa: F401 (re-exported)
+from .checkpoint import Checkpoint
 from .contributions import (
     DEFAULT_CHUNK_BYTES,
     LayerActivations,
@@ -33,43 +33,16 @@ from .contributions import (
 )
 from . import kernels, support
 from .details import Component, TokenExtremes, TokenRanking
-from .norms import LinearisedRMSNorm
-from .moe import expert_activations, expert_down, expert_parts, is_moe, moe_block
+from .moe import expert_activations, expert_down, expert_parts
 from .edgeset import EdgeSet
 from .schema import ModelInfo, Node, canonical_dtype
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "attn.hook_v", "attn.hook_pattern",
-          "hook_attn_out", "hook_mlp_out", "mlp.hook_post")
+_HOOKS = HOOKS
 
 
 class RunEvictedError(KeyError):
     """The activations of a run are no longer cached on this stage."""
-
-
-def load_config(checkpoint: Checkpoint):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(str(checkpoint.path))
-
-
-def _n_layers(config) -> int:
-    return int(config.num_hidden_layers)
-
-
-def _layer_key(name: str) -> tuple[str, int, str] | None:
-    """Split ``prefix.<i>.rest`` of a transformer-layer tensor name, if it is one."""
-    m = re.match(r"^(.*?(?:layers|\.h|blocks))\.(\d+)\.(.+)$", name)
-    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
-
-
-def _module_name(model: torch.nn.Module, module: torch.nn.Module | None) -> str | None:
-    if module is None:
-        return None
-    for name, mod in model.named_modules():
-        if mod is module:
-            return name
-    return None
 
 
 class ActivationStore:
@@ -126,7 +99,7 @@ class Stage:
 
     def __init__(
         self,
-        model: str | Checkpoint,
+        model: str | Checkpoint | ModelAdapter,
         start: int = 0,
         stop: int | None = None,
         *,
@@ -134,69 +107,55 @@ class Stage:
         dtype: str | torch.dtype | None = None,
         cache_bytes: int = 2 * 2**30,
         chunk_bytes: int | None = None,
+        adapter: Any = None,
     ):
-        from transformer_lens.model_bridge.sources import build_bridge_from_module
-
-        self.checkpoint = model if isinstance(model, Checkpoint) else resolve(model)
-        config = load_config(self.checkpoint)
-        total = _n_layers(config)
+        """Layers ``[start, stop)`` of ``model``: a model spec or ``Checkpoint`` read by the default
+        ``BridgeAdapter``, or by ``adapter`` (``workers.adapter.resolve_adapter``: a dotted path,
+        factory, class or adapter object) when given; or a ``ModelAdapter`` itself."""
+        if adapter is None and not isinstance(model, (str, Checkpoint)) and hasattr(model, "build"):
+            adapter, model = model, None
+        self.adapter = resolve_adapter(adapter, model)
+        self.checkpoint: Checkpoint | None = getattr(self.adapter, "checkpoint", None)
+        total = int(self.adapter.n_layers)
         stop = total if stop is None else stop
         if not 0 <= start < stop <= total:
             raise ValueError(f"layers: stage range [{start}, {stop}) is not within the model's [0, {total})")
         self.start, self.stop, self.n_layers_total = start, stop, total
         self.first, self.last = start == 0, stop == total
         self.device = torch.device(device)
-        self.dtype = _dtype(dtype, config)
-        self.full_config = config
-        self.hf_model, stage_config = self._build_hf_model(config)
+        self.dtype = _dtype(dtype)
+        where = f"adapter {self.adapter.name!r}" if self.checkpoint is None else str(self.checkpoint.path)
+        self._where = where
+        self.layers = check_range(self.adapter.build(start, stop, self.device, self.dtype), stop - start, where)
         self.chunk_bytes = chunk_bytes or _chunk_budget(self.device)
-        self.tokenizer = load_tokenizer(self.checkpoint)
-        self.bridge = build_bridge_from_module(
-            self.hf_model, type(self.hf_model).__name__, hf_config=stage_config, tokenizer=self.tokenizer
+        self.tokenizer = self.adapter.tokenizer
+        facts = self.layers.facts
+        self.parallel = bool(facts.parallel)
+        # Extensions of the bridge adapter (workers.bridge_adapter), absent from user adapters:
+        # MoE blocks have no single W_out, their detail is read from the block input (workers.moe);
+        # norms on the attention / FFN outputs inside each block (SPEC 4a) are linearised at their input.
+        self.moe_blocks = getattr(self.layers, "moe_blocks", None)
+        self.block_norms = getattr(self.layers, "block_norms", None)
+        self.W_O = self.layers.W_O.detach()  # [n, H, dh, d]
+        self.W_out = None if self.moe_blocks is not None else self.layers.W_out.detach()  # [n, d_ff, d]
+        self.info = ModelInfo(
+            name=self.adapter.name, architecture=facts.architecture, n_layers=total, n_heads=int(facts.n_heads),
+            n_kv_heads=int(facts.n_kv_heads), d_model=int(facts.d_model), d_head=int(facts.d_head),
+            d_ff=int(facts.d_ff), d_vocab=int(facts.d_vocab), n_ctx=int(facts.n_ctx), parallel=self.parallel,
+            n_params=int(self.layers.parameter_count()),
         )
-        self.bridge.eval()
-        hooks = self.bridge.hook_dict
-        self.parallel = "blocks.0.hook_resid_mid" not in hooks
-        # MoE blocks have no single W_out: their detail is read from the block input (workers.moe).
-        self.moe_blocks = _moe_blocks(self.hf_model) if is_moe(config) else None
-        # Norms on the attention / FFN outputs inside each block (SPEC 4a): linearised at their input,
-        # which a forward pre-hook on the norm module captures (the bridge has no hook there).
-        self.block_norms = _block_norms(self.hf_model, int(config.hidden_size))
-        self.hook_names = _HOOKS if self.moe_blocks is None else \
-            tuple(h for h in _HOOKS if h != "mlp.hook_post") + ("mlp.hook_in",)
-        missing = [h for h in self.hook_names if f"blocks.0.{h}" not in hooks and h != "hook_resid_mid"]
-        if missing:
-            raise NotImplementedError(f"{type(self.hf_model).__name__}: bridge lacks hook points {missing}")
-        self.W_O = self.bridge.W_O.detach()  # [n, H, dh, d]
-        self.W_out = None if self.moe_blocks is not None else self.bridge.W_out.detach()  # [n, d_ff, d]
-        self.info = self._model_info(config)
         self.store = ActivationStore(cache_bytes)
         self.recomputed_batches = 0  # batches computed again, synced, after a candidate list overflowed
         self._lock = threading.Lock()
-        # Capture hooks are attached once: run_with_hooks re-resolves the bridge's hook aliases for
-        # every hook on every call (~0.35 s per SmolLM2 trace). They do nothing unless a run sets
-        # ``_capture``.
-        self._capture: Callable[[int, str, torch.Tensor], None] | None = None
-        for i in range(stop - start):
-            for name in self.hook_names:
-                if f"blocks.{i}.{name}" in hooks:
-                    self.bridge.add_hook(f"blocks.{i}.{name}", partial(self._on_hook, i, name), is_permanent=True)
-        for i, norms in enumerate(self.block_norms or []):
-            for name, module in zip(("attn.norm_in", "mlp.norm_in"), norms[2:]):
-                module.register_forward_pre_hook(partial(self._on_norm_input, i, name))
-        self.softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
         self._check_decomposition()
-
-    def _on_norm_input(self, i: int, name: str, module: torch.nn.Module, args: tuple) -> None:
-        if self._capture is not None:
-            self._capture(i, name, args[0])
 
     def _check_decomposition(self) -> None:
         """Refuse the model unless its readings add up on a probe (``support.check_decomposition``)."""
         x = support.probe_inputs(self.info.d_vocab, self.info.d_model, self.first, self.device, self.dtype)
-        arch = type(self.hf_model).__name__
+        arch = self.info.architecture
 
         def check(i: int, layer: dict[str, torch.Tensor]) -> None:
+            self._check_layer(i, layer, x.shape[1])
             acts = self._slice(layer, 0, x.shape[1])
             if self.moe_blocks is not None:
                 support.check_moe(arch, self.start + i, acts, self.moe_blocks[i], self.dtype)
@@ -208,118 +167,35 @@ class Stage:
         with self._lock, torch.inference_mode():
             try:
                 self._run(x, [x.shape[1]], check)
-            except support.UnsupportedModelError:
+            except (support.UnsupportedModelError, AdapterError):
                 raise
             except (RuntimeError, IndexError, ValueError) as exc:  # the model's own forward failed
-                raise ValueError(f"{self.checkpoint.path}: {arch} failed on a {x.shape[1]}-token probe forward "
-                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check its config") from None
+                raise ValueError(f"{self._where}: {arch} failed on a {x.shape[1]}-token probe forward "
+                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                                 + ("check its config" if self.checkpoint is not None else "check the adapter")) from None
 
-    # ----------------------------------------------------------------------------- loading
-    def _build_hf_model(self, config):
-        """A model of ``stop - start`` layers holding only this stage's tensors."""
-        from accelerate import init_empty_weights
-        from safetensors import safe_open
-        from transformers import AutoModelForCausalLM
-
-        stage_config = copy.deepcopy(config)
-        stage_config.num_hidden_layers = self.stop - self.start
-        # Per-layer attention kinds (sliding/local vs global) follow the layers into the stage.
-        for key in ("layer_types", "attention_layers"):  # attention_layers: GPT-Neo
-            if getattr(stage_config, key, None):
-                setattr(stage_config, key, list(getattr(config, key))[self.start : self.stop])
-        # Eager attention exposes the attention pattern to the bridge's hooks on every architecture.
-        stage_config._attn_implementation = "eager"
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(stage_config, attn_implementation="eager")
-        support.check_architecture(config, model)  # before any weight is read
-        tied = bool(getattr(config, "tie_word_embeddings", False))
-        embed_name = _module_name(model, model.get_input_embeddings())
-        unembed_name = _module_name(model, model.get_output_embeddings())
-        d = config.hidden_size
-        if not self.first:
-            model.set_input_embeddings(torch.nn.Embedding(1, d, dtype=self.dtype))
-        if not self.last:
-            model.set_output_embeddings(torch.nn.Linear(d, 1, bias=False, dtype=self.dtype))
-
-        weight_map = self.checkpoint.weight_map()
-        mapping = CheckpointMapping(model)
-        wanted: dict[str, tuple[str, list[str], str | None]] = {}  # stored -> (renamed, stage names, fused)
-        for stored in weight_map:
-            name = mapping.rename(stored)
-            fused = mapping.merge_target(name)  # per-expert tensors that build one fused model tensor
-            key = fused or name
-            layer = _layer_key(key)
-            targets = []
-            if layer is not None:
-                prefix, i, rest = layer
-                if self.start <= i < self.stop:
-                    targets.append(f"{prefix}.{i - self.start}.{rest}")
-            elif embed_name and key.startswith(embed_name + "."):
-                if self.first:
-                    targets.append(key)
-                if self.last and tied and not self.first:
-                    targets.append(unembed_name + key[len(embed_name):])
-            elif unembed_name and key.startswith(unembed_name + "."):
-                if self.last and not (tied and self.first):
-                    targets.append(key)
-            else:  # final norm, learned positions, projections: small, every stage takes them
-                targets.append(key)
-            if targets:
-                wanted[stored] = (name, targets, fused)
-        state: dict[str, torch.Tensor] = {}
-        to_fuse: dict[str, list[str]] = {}
-        pieces: dict[str, torch.Tensor] = {}
-        by_shard: dict[Any, list[str]] = {}
-        for name in wanted:
-            by_shard.setdefault(weight_map[name], []).append(name)
-        for shard, names in by_shard.items():
-            with safe_open(str(shard), "pt", device="cpu") as f:
-                for name in names:
-                    tensor = f.get_tensor(name).to(self.dtype)
-                    renamed, targets, fused = wanted[name]
-                    if fused is not None:
-                        pieces[renamed] = tensor
-                        to_fuse[fused] = targets
-                        continue
-                    for target in targets:
-                        state[target] = tensor
-        for fused, targets in to_fuse.items():
-            tensor = mapping.merged(fused, pieces)
-            for target in targets:
-                state[target] = tensor
-        model.load_state_dict(state, strict=False, assign=True)
-        if self.first and self.last and tied:  # one matrix serves both ends, as in the checkpoint
-            model.get_output_embeddings().weight = model.get_input_embeddings().weight
-        still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-        if still_meta:
-            raise ValueError(f"{self.checkpoint.path}: checkpoint lacks tensors for {still_meta[:5]}")
-        for module in model.modules():  # rotary and other buffers built at init: match the dtype rules
-            for bname, buf in list(module.named_buffers(recurse=False)):
-                if buf.is_floating_point() and bname not in ("inv_freq", "original_inv_freq"):
-                    module._buffers[bname] = buf.to(self.dtype)
-        model.to(self.device)
-        model.eval()
-        return model, stage_config
-
-    def _model_info(self, config) -> ModelInfo:
-        H, dh, d = self.W_O.shape[1:]
-        n_kv = int(getattr(config, "num_key_value_heads", None) or H)
-        n_params = sum(p.numel() for p in self.hf_model.parameters())
-        return ModelInfo(
-            name=self.checkpoint.spec,
-            architecture=type(self.hf_model).__name__,
-            n_layers=self.n_layers_total,
-            n_heads=int(H),
-            n_kv_heads=n_kv,
-            d_model=int(d),
-            d_head=int(dh),
-            d_ff=int(self.W_out.shape[1]) if self.W_out is not None else
-            int(getattr(config, "moe_intermediate_size", None) or config.intermediate_size),
-            d_vocab=int(config.vocab_size),
-            n_ctx=int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)),
-            parallel=self.parallel,
-            n_params=n_params,
-        )
+    def _check_layer(self, i: int, layer: dict[str, torch.Tensor], n_tokens: int) -> None:
+        """The probe's layer ``i`` reports every activation the stage reads, in its shape (``AdapterError``)."""
+        f = self.layers.facts
+        d, T = f.d_model, n_tokens
+        want: dict[str, tuple] = {"hook_resid_pre": (1, T, d), "hook_resid_post": (1, T, d),
+                                  "attn.hook_v": (1, T, None, f.d_head), "attn.hook_pattern": (1, f.n_heads, T, T),
+                                  "hook_attn_out": (1, T, d), "hook_mlp_out": (1, T, d)}
+        if not self.parallel:
+            want["hook_resid_mid"] = (1, T, d)
+        if self.moe_blocks is None:
+            want["mlp.hook_post"] = (1, T, f.d_ff)
+        for name, shape in want.items():
+            t = layer.get(name)
+            ok = isinstance(t, torch.Tensor) and t.dim() == len(shape) and \
+                all(w is None or w == g for w, g in zip(shape, t.shape))
+            if ok and name == "attn.hook_v":  # H_kv key/value heads, each serving H / H_kv query heads
+                ok = t.shape[2] >= 1 and f.n_heads % t.shape[2] == 0
+            if not ok:
+                got = "nothing" if t is None else list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                expected = [("H_kv" if w is None else w) for w in shape]
+                raise AdapterError(f"{self._where}: layer {self.start + i} reported {got} as {name!r}, expected a "
+                                   f"tensor of shape {expected} (see workers.adapter.HOOK_SHAPES)")
 
     # ----------------------------------------------------------------------------- forward
     def forward(
@@ -377,41 +253,17 @@ class Stage:
         return per_layer * itemsize * (self.stop - self.start) <= self.store.max_bytes
 
     def _run(self, inputs: torch.Tensor, lengths: list[int], on_layer) -> torch.Tensor:
-        """Forward through the bridge; ``on_layer(i, activations)`` as each layer completes."""
+        """Forward through the layer range; ``on_layer(i, activations)`` as each layer completes."""
         batch, n_tok = inputs.shape[:2]
         mask = torch.zeros(batch, n_tok, dtype=torch.long)
         for b, n in enumerate(lengths):
             mask[b, n_tok - n :] = 1
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         mask, positions = mask.to(self.device), positions.to(self.device)
-        n_layers = self.stop - self.start
-        current: dict[int, dict[str, torch.Tensor]] = {}
-        out: list[torch.Tensor] = []
-
-        def capture(i: int, name: str, tensor: torch.Tensor) -> None:
-            current.setdefault(i, {})[name] = tensor.detach()
-            if name == "hook_resid_post":  # the last hook of block i
-                layer = current.pop(i)
-                on_layer(i, layer)
-                if i == n_layers - 1:
-                    out.append(layer["hook_resid_post"])
-
-        kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": positions}
         if self.first and inputs.dtype.is_floating_point:
             raise ValueError("the first stage takes token ids")
-        self._capture = capture
-        try:
-            if self.first:
-                self.bridge(inputs.to(self.device), prepend_bos=False, **kwargs)
-            else:
-                self.bridge(inputs.to(self.device, self.dtype), start_at_layer=0, **kwargs)
-        finally:
-            self._capture = None
-        return out[0]
-
-    def _on_hook(self, i: int, name: str, tensor: torch.Tensor, hook: Any = None) -> None:
-        if self._capture is not None:
-            self._capture(i, name, tensor)
+        x = inputs.to(self.device) if self.first else inputs.to(self.device, self.dtype)
+        return self.layers.forward(x, mask, positions, on_layer)
 
     def _slice(self, layer: dict[str, torch.Tensor], b: int, n: int) -> dict[str, torch.Tensor]:
         """One prompt's activations of one layer without its left padding (model dtype)."""
@@ -626,11 +478,8 @@ class Stage:
         with torch.inference_mode():
             x = vectors.to(self.device, self.dtype)[None]
             if normalize:
-                x = self.bridge.ln_final(x)
-            logits = self.bridge.unembed(x)[0].float()
-            if self.softcap:  # Gemma-2 caps its final logits: read them as the model does
-                logits = self.softcap * torch.tanh(logits / self.softcap)
-            return logits
+                x = self.layers.final_norm(x)
+            return self.layers.unembed(x)[0].float()  # soft-capped by the range where the model caps
 
     def rank_tokens(self, vector: torch.Tensor, previous: torch.Tensor | None = None, k: int = 10,
                     normalize: bool = True) -> TokenRanking:
@@ -656,7 +505,7 @@ class Stage:
 
     def parameter_bytes(self) -> int:
         """Bytes of the parameters this stage holds (its share of the model)."""
-        return sum(p.numel() * p.element_size() for p in self.hf_model.parameters())
+        return int(self.layers.parameter_bytes())
 
     def counters(self) -> dict[str, int]:
         """``recomputed_batches`` (after a candidate list overflowed), ``cached_bytes`` (activations)."""
@@ -665,18 +514,8 @@ class Stage:
     def plain_forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """This stage's layers without capture or contributions: ``[1, T]`` ids on the first
         stage, else the previous stage's residual; returns the residual (or logits, last stage)."""
-        last = f"blocks.{self.stop - self.start - 1}.hook_resid_post"
         with torch.inference_mode():
-            if self.first and self.last:
-                return self.bridge(inputs.to(self.device))
-            if self.last:
-                return self.bridge(inputs.to(self.device, self.dtype), start_at_layer=0)
-            kwargs = {"names_filter": [last]}
-            if self.first:
-                _, cache = self.bridge.run_with_cache(inputs.to(self.device), prepend_bos=False, **kwargs)
-            else:
-                _, cache = self.bridge.run_with_cache(inputs.to(self.device, self.dtype), start_at_layer=0, **kwargs)
-            return cache[last]
+            return self.layers.plain_forward(inputs)
 
 
 def _head_contribution_maps(acts: LayerActivations, heads: list[int], norm: Norm, chunk_bytes: int) -> torch.Tensor:
@@ -690,37 +529,6 @@ def _head_contribution_maps(acts: LayerActivations, heads: list[int], norm: Norm
         c_attn, _, _ = attention_contributions_chunk(acts, t0, t1, norm, chunk_bytes=chunk_bytes)
         out[:, t0:t1, :t1] = c_attn[heads].float()
     return out
-
-
-def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    return next(m for n, m in model.named_modules()
-                if isinstance(m, torch.nn.ModuleList) and n.rsplit(".", 1)[-1] in ("layers", "h", "blocks"))
-
-
-def _block_norms(model: torch.nn.Module, d_model: int) -> list[tuple] | None:
-    """Per layer ``(attention norm, FFN norm, their modules)`` for blocks that normalise their
-    outputs before the residual (Gemma-2/3, OLMo-2: ``post_feedforward_layernorm`` present), else None."""
-    layers = _decoder_layers(model)
-    if not any(hasattr(layer, "post_feedforward_layernorm") for layer in layers):
-        return None
-    out = []
-    for layer in layers:
-        modules = (layer.post_attention_layernorm, layer.post_feedforward_layernorm)
-        try:
-            out.append(tuple(LinearisedRMSNorm.of(m, d_model) for m in modules) + modules)
-        except NotImplementedError as exc:
-            raise support.UnsupportedModelError(f"{type(model).__name__}: {exc}") from None
-    return out
-
-
-def _moe_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The MoE FFN module of every decoder layer of a stage model."""
-    blocks = [moe_block(layer) for layer in _decoder_layers(model)]
-    if any(b is None for b in blocks):
-        raise support.UnsupportedModelError(
-            f"{type(model).__name__}: a mixture-of-experts model whose FFN blocks are not laid out as a router "
-            "'gate' and fused 'experts' (gate_up_proj, down_proj) in every layer")
-    return blocks
 
 
 def _new_columns() -> dict[str, list]:
@@ -773,15 +581,10 @@ def _chunk_budget(device: torch.device) -> int:
     return int(min(max(free // 16, DEFAULT_CHUNK_BYTES * 16), 4 * 2**30))
 
 
-def _dtype(dtype: str | torch.dtype | None, config) -> torch.dtype:
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32  # fp32 by default, whatever the checkpoint stores
     if isinstance(dtype, torch.dtype):
         return dtype
     return TORCH_DTYPES[canonical_dtype(dtype)]
 
-
-def load_tokenizer(checkpoint: Checkpoint):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(checkpoint.path))
