@@ -571,3 +571,30 @@ def test_devices_of_a_machine_with_two_gpus(monkeypatch):
     with pytest.raises(ValueError) as info:
         check_device("cuda:7")
     assert str(info.value) == "device: 'cuda:7' does not exist: this machine has 2 cuda device(s) (cuda:0 to cuda:1)"
+
+
+def test_links_into_the_hub_cache_are_accepted(ctx, tmp_path, monkeypatch):
+    """Shards may link into the Hugging Face hub cache (snapshots, ``--local-dir`` downloads);
+    only links leading elsewhere are refused (cases above)."""
+    import huggingface_hub.constants
+
+    from routescope.workers.checkpoint import resolve
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    repo = hub / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    for f in Path(ctx.tiny).iterdir():
+        blob = repo / "blobs" / hashlib.sha256(f.name.encode()).hexdigest()
+        shutil.copy(f, blob)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / f.name)
+    local = tmp_path / "local-dir"
+    shutil.copytree(ctx.tiny, local)
+    (local / "model.safetensors").unlink()
+    os.symlink(repo / "blobs" / hashlib.sha256(b"model.safetensors").hexdigest(), local / "model.safetensors")
+    for path in (snapshot, local):
+        ck = resolve(str(path))
+        assert set(ck.weight_map().values()) == {path.resolve() / "model.safetensors"}
+        assert ck.n_parameters() == resolve(ctx.tiny).n_parameters()

@@ -77,8 +77,8 @@ class Checkpoint:
     def shard_path(self, name: Any, where: Path) -> Path:
         """The real path of shard ``name`` of this checkpoint, refused (``BadCheckpointError``
         naming ``where``) unless it is a relative name of a regular file that resolves inside the
-        model directory (for a hub download: inside that model's hub cache, where its snapshot
-        links point)."""
+        model directory (or inside the Hugging Face hub cache, where the links of hub snapshots
+        and of ``--local-dir`` downloads point)."""
         if not isinstance(name, str) or not name or "\0" in name:
             raise BadCheckpointError(f"{where}: shard name {name!r} is not a file name")
         if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
@@ -91,21 +91,28 @@ class Checkpoint:
             raise BadCheckpointError(f"{where}: shard {name} does not exist") from None
         except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
             raise BadCheckpointError(f"{where}: shard {name} cannot be resolved ({_os_reason(exc)})") from None
-        root = self._trusted_root()
-        if real != root and root not in real.parents:
+        root, *others = self._trusted_roots()
+        if not any(real == r or r in real.parents for r in (root, *others)):
             raise BadCheckpointError(f"{where}: shard {name} resolves to {real}, outside the model directory {root}")
         if not real.is_file():
             raise BadCheckpointError(f"{where}: shard {name} is not a regular file")
         return real
 
-    def _trusted_root(self) -> Path:
-        """The directory shard files must resolve into: the model directory, or for a snapshot of
-        the Hugging Face cache (``models--org--name/snapshots/<rev>``, files linking to
-        ``../../blobs``) that model's cache directory."""
+    def _trusted_roots(self) -> list[Path]:
+        """The directories shard files may resolve into: the model directory (for a snapshot of
+        the Hugging Face cache, ``models--org--name/snapshots/<rev>`` with files linking to
+        ``../../blobs``, that model's cache directory), then the hub cache itself."""
         path = self.path.resolve()
         if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
-            return path.parent.parent
-        return path
+            path = path.parent.parent
+        roots = [path]
+        try:
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            roots.append(Path(HF_HUB_CACHE).expanduser().resolve())
+        except ImportError:
+            pass
+        return roots
 
     def tensor_headers(self) -> dict[str, dict]:
         """Tensor name -> safetensors header entry (dtype, shape, data_offsets); no tensor is read.
