@@ -182,7 +182,7 @@ def test_run_job_in_process(tmp_path, pipe, reference):
     assert m["status"] == "complete" and m["counts"] == {"records": 6, "done": 6, "failed": 0, "pending": 0}
     assert m["routescope_version"] == routescope.__version__ and m["model"] == "smollm2-135m"
     assert m["dataset"]["sha256"] == datasets.read_dataset(data).sha256
-    assert len(m["weights"]["fingerprint"]) == 16 and m["options"]["positions"] == "all"
+    assert len(m["weights"]["fingerprint"]) == 64 and m["options"]["positions"] == "all"  # sha256 of the bytes
     assert m["options"]["tau"] == 0.05 and m["model_info"]["n_layers"] == 30
     assert json.loads((tmp_path / "r" / "failed.json").read_text()) == []
     for i in range(6):
@@ -387,6 +387,30 @@ def test_ray_job_killed_and_resubmitted(ray_head, dataset20, ray_job_results, tm
         assert_same(res.edges(i), uninterrupted.edges(i))
         assert res.edges(i).trace.summary == uninterrupted.edges(i).trace.summary or np.allclose(
             res.edges(i).trace.summary["head_flow"], uninterrupted.edges(i).trace.summary["head_flow"], atol=1e-4)
+
+
+def test_submitted_job_refused_while_results_are_in_use(ray_head, dataset20, tmp_path):
+    """A submitted job ends in run-job's code: refused while another job holds the results
+    directory (here this test process), it fails, and ``submit --wait`` shows why and exits 1."""
+    results = tmp_path / "results"
+    results.mkdir()
+    lock = jobs.lock_results(results)
+    try:
+        before = {p: p.read_bytes() for p in results.rglob("*") if p.is_file()}
+        out = subprocess.run([sys.executable, "-m", "routescope", "submit", "--address", ray_head, "--dataset",
+                              str(dataset20), "--results", str(results), "--wait"],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        holder = json.loads((results / "job.lock").read_text())
+        message = (f"routescope run-job: error: results location {results} is in use by another job "
+                   f"(pid {os.getpid()} on {holder['host']}, started {holder['started_at']}); wait for it to end, "
+                   "or pass --wait-lock [SECONDS] (wait_lock= in run_job) to wait for it")
+        assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+        last = out.stdout.strip().splitlines()[-1]
+        assert last.startswith("job routescope-") and last.endswith(f": FAILED: {message}"), out.stdout[-3000:]
+        assert message in out.stdout.splitlines()  # the job's own line, streamed with its logs
+        assert {p: p.read_bytes() for p in results.rglob("*") if p.is_file()} == before
+    finally:
+        lock.release()
 
 
 def test_notebook_runs_end_to_end(ray_head, tmp_path):
