@@ -316,8 +316,9 @@ NOT_JSON = "config.json: config is not valid JSON (Expecting property name enclo
 TAU_MIN_TINY = ("tau_min: 1e-50 is below the smallest normal float32 (1.1754944e-38); contributions are float32, "
                 "where it would underflow to 0")
 STAGE_DEVICE = "workers/stage.py Stage.__init__: self.device = torch.device(check_device(device))"
-STAGE_CONFIG = "workers/stage.py load_config: return check_config(checkpoint)"
-STAGE_TOKENIZER = "workers/stage.py load_tokenizer: return checkpoint.load_tokenizer(checkpoint) (workers.checkpoint's)"
+STAGE_CONFIG = "workers/bridge_adapter.py load_config: return check_config(checkpoint)"
+STAGE_TOKENIZER = ("workers/bridge_adapter.py load_tokenizer: return checkpoint.load_tokenizer(checkpoint) "
+                   "(workers.checkpoint's)")
 PIPELINE_TAU = "cluster/pipeline.py Pipeline.trace: tau_min = check_tau_min(tau_min)"
 
 # Untrusted files, devices, thresholds and k (issue 14). Messages that name a temporary path are
