@@ -96,10 +96,9 @@ class Pipeline:
         ``model=model`` if it takes ``model``), or an adapter object; None: the checkpoint ``model``
         through TransformerBridge."""
         if adapter is None:
-            checkpoint = model if isinstance(model, Checkpoint) else resolve(model)
-            source = resolve_adapter(None, checkpoint)
-        else:
-            checkpoint, source = None, resolve_adapter(adapter, model)
+            model = model if isinstance(model, Checkpoint) else resolve(model)
+        source = resolve_adapter(adapter, model)
+        checkpoint = adapter_checkpoint(source)
         ranges = plan_layers(checkpoint, source.n_layers, stages=stages, layers=layers)
         built = [Stage(source, a, b, device=device, dtype=dtype, cache_bytes=cache_bytes, chunk_bytes=chunk_bytes)
                  for a, b in ranges]
@@ -238,6 +237,12 @@ class Pipeline:
         handles = self._submit([ids], [run_id], norm, tau_min)
         for client, h in zip(self.clients, handles):
             client.fetch(h)
+
+
+def adapter_checkpoint(adapter: Any) -> Checkpoint | None:
+    """The checkpoint an adapter reads (the default one's; a user adapter may expose one too)."""
+    checkpoint = getattr(adapter, "checkpoint", None)
+    return checkpoint if isinstance(checkpoint, Checkpoint) else None
 
 
 def plan_layers(checkpoint: Checkpoint | None, n_layers: int, *, stages: int | None = None,

@@ -134,10 +134,12 @@ CACHE = PipelineCache()
 def load(model: str = DEFAULT_MODEL, *, stages: int | None = None, layers: str | None = None,
          address: str | None = None, gpus_per_stage: float = 0, cpus_per_stage: float = 1,
          device: str = "cpu", dtype: str | None = None, max_tokens: int | None = None, reuse: bool = True,
-         cache_bytes: int | None = None):
+         cache_bytes: int | None = None, adapter: Any = None):
     """A ``Pipeline`` for ``model``: in-process, or Ray stage actors when ``address`` is given
     (``address="local"`` starts a local Ray). With ``reuse`` the process cache is used.
-    ``cache_bytes``: each stage's activation-cache bound (default: the stage's own default)."""
+    ``cache_bytes``: each stage's activation-cache bound (default: the stage's own default).
+    ``adapter``: a user's model adapter, ``module.path:factory`` or ``module.path.ClassName``
+    (``docs/adapters.md``; in-process also a factory, class or adapter object), given ``model``."""
     dtype = canonical_dtype(dtype)
     if gpus_per_stage and address is None:
         raise ValueError("gpus_per_stage: GPUs per stage need Ray stages; pass address= "
@@ -148,27 +150,30 @@ def load(model: str = DEFAULT_MODEL, *, stages: int | None = None, layers: str |
             from .ray_pipeline import ray_pipeline
 
             return ray_pipeline(model, stages=stages, layers=layers, address=address, gpus_per_stage=gpus_per_stage,
-                                cpus_per_stage=cpus_per_stage, dtype=dtype, max_tokens=max_tokens,
+                                cpus_per_stage=cpus_per_stage, dtype=dtype, max_tokens=max_tokens, adapter=adapter,
                                 **({} if cache_bytes is None else {"cache_bytes": int(cache_bytes)}))
         from .pipeline import Pipeline
 
         return Pipeline.local(model, stages=stages, layers=layers, device=device, dtype=dtype, max_tokens=max_tokens,
-                              **({} if cache_bytes is None else {"cache_bytes": int(cache_bytes)}))
+                              adapter=adapter, **({} if cache_bytes is None else {"cache_bytes": int(cache_bytes)}))
 
     if not reuse:
         return build()
     key = cache_key(model, stages=stages, layers=layers, address=address, gpus_per_stage=gpus_per_stage,
-                    cpus_per_stage=cpus_per_stage, device=device, dtype=dtype, max_tokens=max_tokens)
+                    cpus_per_stage=cpus_per_stage, device=device, dtype=dtype, max_tokens=max_tokens, adapter=adapter)
     return CACHE.get(key, build, dtype)
 
 
 def cache_key(model: str, *, stages: int | None = None, layers: str | None = None, address: str | None = None,
               gpus_per_stage: float = 0, cpus_per_stage: float = 1, device: str = "cpu", dtype: str | None = None,
-              max_tokens: int | None = None) -> tuple:
+              max_tokens: int | None = None, adapter: Any = None) -> tuple:
     """The cache key of ``load``'s arguments (the viewer shares entries with ``load`` through it)."""
     dtype = canonical_dtype(dtype)
-    return (str(model), stages, layers, address, gpus_per_stage, cpus_per_stage, device,
-            None if dtype == "float32" else dtype, max_tokens)
+    key = (str(model), stages, layers, address, gpus_per_stage, cpus_per_stage, device,
+           None if dtype == "float32" else dtype, max_tokens)
+    if adapter is None:  # the default adapter keeps the keys it always had
+        return key
+    return key + (("adapter", adapter if isinstance(adapter, str) else id(adapter)),)
 
 
 def unload(pipeline: Any, close: bool = True) -> None:

@@ -34,7 +34,7 @@ from routescope.workers.bridge_adapter import load_config, load_tokenizer
 from routescope.workers.checkpoint import Checkpoint, resolve
 from routescope.workers.schema import DEFAULT_MODEL
 
-from .pipeline import Pipeline, plan_layers
+from .pipeline import Pipeline, adapter_checkpoint, plan_layers
 from .stage_clients import RayStageClient, StageError, StageTimeoutError
 
 __all__ = ["ray_pipeline", "RayPipeline", "ClusterResourceError", "StageError", "StageTimeoutError"]
@@ -173,7 +173,7 @@ def ray_pipeline(model: str | Checkpoint = DEFAULT_MODEL, *, stages: int | None 
         tokenizer = None
     else:
         source = resolve_adapter(adapter, model)  # here: the layout and the tokenizer; the actors build their own
-        checkpoint, n_layers, tokenizer = None, int(source.n_layers), source.tokenizer
+        checkpoint, n_layers, tokenizer = adapter_checkpoint(source), int(source.n_layers), source.tokenizer
     ranges = plan_layers(checkpoint, n_layers, stages=stages, layers=layers)
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or "local"

@@ -22,7 +22,10 @@ def load(model: str = DEFAULT_MODEL, **options: Any):
     stage actors when ``address`` is given (``address="local"`` starts a local Ray).
 
     Options: ``stages``, ``layers``, ``address``, ``gpus_per_stage``, ``cpus_per_stage``,
-    ``device``, ``dtype``, ``max_tokens``, ``reuse`` (see ``routescope.cluster.pipelines.load``).
+    ``device``, ``dtype``, ``max_tokens``, ``reuse``, ``adapter`` (see ``routescope.cluster.pipelines.load``).
+
+    ``adapter="mypkg.mymodel:make"`` (or ``mypkg.mymodel.MyAdapter``) traces a model of your own
+    through a ``ModelAdapter`` (``docs/adapters.md``); ``model`` is then handed to that factory.
     """
     from routescope.cluster.pipelines import load as _load
 
@@ -41,7 +44,8 @@ def unload(pipeline: Any, close: bool = True) -> None:
 
 def trace(model: str, prompt: str | Sequence[str], *, tau_min: float = DEFAULT_TAU_MIN, norm: str = "l1",
           prepend_bos: bool = True, **load_options: Any):
-    """Trace one prompt (returns a ``FlowGraph``) or several (a list) through ``model``."""
+    """Trace one prompt (returns a ``FlowGraph``) or several (a list) through ``model``; the
+    ``load_options`` are ``load``'s (``adapter=`` for a model of your own, ``docs/adapters.md``)."""
     return load(model, **load_options).trace(prompt, norm=norm, tau_min=tau_min, prepend_bos=prepend_bos)
 
 

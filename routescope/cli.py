@@ -23,6 +23,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="model dtype (default float32)")
 
 
+def _add_adapter_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, metavar="MODULE:FACTORY",
+                   help="a model of your own: module.path:factory or module.path.ClassName of a ModelAdapter, "
+                        "given --model (docs/adapters.md)")
+
+
 def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=float, default=0.04, help="route threshold in (0, 1), default 0.04")
     p.add_argument("--tau-min", type=float, default=0.01, help="smallest contribution kept, default 0.01")
@@ -47,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("trace", help="trace a prompt and print the route of a position")
     _add_model_options(p)
+    _add_adapter_option(p)
     _add_analysis_options(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--target", default=None, help="position(s) to trace: N, N,M or 'all' (default: last)")
@@ -112,6 +119,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         args.model, args.prompt, tau_min=args.tau_min, norm=args.norm, prepend_bos=not args.no_bos,
         stages=args.stages, layers=args.layers, address=args.address, gpus_per_stage=args.gpus_per_stage,
         cpus_per_stage=args.cpus_per_stage, device=args.device, dtype=args.dtype,
+        **({"adapter": args.adapter} if args.adapter else {}),
     )
     vocab = graph.meta.model_info.d_vocab if graph.meta.model_info else None
     if vocab is not None and args.top > vocab:

@@ -381,3 +381,35 @@ def test_mixtral_in_two_ray_stages_equals_in_process(ray_local, tmp_path):
         assert gr.live.prediction()[0]["id"] == gl.live.prediction()[0]["id"]
     finally:
         pipe.close()
+
+
+def test_plain_torch_adapter_in_two_ray_stages_equals_in_process(ray_local, tmp_path):
+    """A model of one's own (``plain_torch_model.py``, no Hugging Face class) named by a dotted path:
+    each stage actor imports the adapter again on its node (the driver's working directory is on the
+    workers' path) and reads the weights the model spec names; same contributions, details and
+    prediction as in-process."""
+    import plain_torch_model as ptm
+
+    weights = str(ptm.save(tmp_path / "plain.pt"))
+    adapter = "tests.plain_torch_model:make"  # importable from the repository root, where Ray's workers start
+    local = Pipeline.local(weights, adapter="plain_torch_model:make")
+    pipe = ray_pipeline(weights, adapter=adapter, layers="0-1,2-2", cpus_per_stage=CPUS, timeout_s=60)
+    try:
+        assert pipe.checkpoint is None and pipe.info == local.info and pipe.layout == [(0, 2), (2, 3)]
+        assert {i["pid"] for i in pipe.stage_info}.isdisjoint({os.getpid()})
+        prompts = ["The cat sat on the mat.", "Hi", "Paris is in France"]
+        for gl, gr in zip(local.trace(prompts), pipe.trace(prompts)):
+            assert_same_contributions(gl, gr)
+            assert_same_routes(gl, gr)
+            t = gl.n_tokens - 1
+            for layer in (1, 2):  # one per actor
+                np.testing.assert_allclose(gr.live.head_contributions(layer, t), gl.live.head_contributions(layer, t),
+                                           atol=FLOAT32_ATOL)
+                np.testing.assert_allclose(np.asarray(gr.live.component_vector(Component("neuron", layer, t, neuron=3))),
+                                           np.asarray(gl.live.component_vector(Component("neuron", layer, t, neuron=3))),
+                                           atol=1e-5)
+            assert [p["id"] for p in gr.live.prediction()] == [p["id"] for p in gl.live.prediction()]
+    finally:
+        pipe.close()
+    with pytest.raises(ValueError, match="module 'no_such_module_xyz' not found"):  # checked before any actor
+        ray_pipeline(weights, adapter="no_such_module_xyz:make", cpus_per_stage=CPUS)

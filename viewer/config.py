@@ -6,6 +6,7 @@ A config file is YAML or JSON::
     models:                      # hub names, local HF directories, .gguf files, the embedded default
       - smollm2-135m
       - {name: tiny-gpt2, spec: /models/tiny-gpt2}
+      - {name: mine, spec: /models/mine.pt, adapter: mypkg.mymodel:make}  # your own model (docs/adapters.md)
     devices: [cpu]               # offered device choices (first is the default)
     dtypes: [float32, bfloat16]  # offered precisions (first is the default)
     data_dirs: [./data]          # prompts datasets and results directories are read only inside these
@@ -65,9 +66,10 @@ class UnsafePathError(ValueError):
 class ModelEntry:
     name: str  # shown in the UI
     spec: str  # what routescope.load gets
+    adapter: str | None = None  # a user ModelAdapter (module.path:factory), routescope.load(spec, adapter=...)
 
     def to_dict(self) -> dict[str, str]:
-        return {"name": self.name, "spec": self.spec}
+        return {"name": self.name, "spec": self.spec, **({"adapter": self.adapter} if self.adapter else {})}
 
 
 @dataclass
@@ -175,11 +177,15 @@ def parse_config(data: dict[str, Any] | None, base: Path | None = None) -> Viewe
             if isinstance(m, str):
                 models.append(ModelEntry(m, m))
             elif isinstance(m, dict) and isinstance(m.get("spec", m.get("name")), str) \
-                    and set(m) <= {"name", "spec"}:
+                    and set(m) <= {"name", "spec", "adapter"}:
                 spec = str(m.get("spec", m.get("name")))
-                models.append(ModelEntry(_text(m.get("name", spec), f"models[{i}].name"), spec))
+                adapter = m.get("adapter")
+                if adapter is not None and (not isinstance(adapter, str) or not adapter.strip()):
+                    raise ConfigError(f"config: models[{i}].adapter must be a dotted path (module.path:factory), "
+                                      f"not {type(adapter).__name__}")
+                models.append(ModelEntry(_text(m.get("name", spec), f"models[{i}].name"), spec, adapter))
             else:
-                raise ConfigError(f"config: models[{i}] must be a name or {{name, spec}}")
+                raise ConfigError(f"config: models[{i}] must be a name or {{name, spec[, adapter]}}")
         if not models:
             raise ConfigError("config: models is empty")
         names = [m.name for m in models]

@@ -213,7 +213,7 @@ def check_range(layers: Any, n: int, where: str) -> Any:
     """A built ``LayerRange`` with the members and tensor shapes the stage reads, else ``AdapterError``."""
     missing = [m for m in _RANGE_MEMBERS if not hasattr(layers, m)]
     if missing:
-        raise AdapterError(f"{where}: build() returned a {type(layers).__name__}, not a layer range (it lacks "
+        raise AdapterError(f"{where}: build() returned {_a(layers)}, not a layer range (it lacks "
                            f"{', '.join(missing)}; see docs/adapters.md)")
     f = layers.facts
     if not isinstance(f, ModelFacts):
@@ -250,14 +250,20 @@ def resolve_adapter(adapter: Any, model: Any = None) -> ModelAdapter:
     if is_adapter(obj):
         return check_adapter(obj, where)
     if not callable(obj):
-        raise AdapterError(f"{where}: a {type(obj).__name__} is neither a model adapter nor a factory or class "
+        raise AdapterError(f"{where}: {_a(obj)} is neither a model adapter nor a factory or class "
                            "returning one (see docs/adapters.md)")
     built = obj(**({"model": model} if _takes_model(obj) else {}))
     if not is_adapter(built):
-        raise AdapterError(f"{where}: calling it returned a {type(built).__name__}, not a model adapter "
+        raise AdapterError(f"{where}: calling it returned {_a(built)}, not a model adapter "
                            f"(it lacks {', '.join(m for m in _ADAPTER_MEMBERS if not hasattr(built, m)) or 'build'};"
                            " see docs/adapters.md)")
     return check_adapter(built, where)
+
+
+def _a(obj: Any) -> str:
+    """``a PlainTransformer`` / ``an int``: the type of ``obj`` with its article."""
+    name = type(obj).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
 def _takes_model(fn: Callable) -> bool:
