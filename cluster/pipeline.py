@@ -22,7 +22,7 @@ import torch
 
 from routescope.workers.adapter import adapter_label, resolve_adapter
 from routescope.workers.checkpoint import Checkpoint, resolve
-from routescope.workers.edgeset import EdgeSet
+from routescope.workers.edgeset import EdgeSet, check_tau_min
 from routescope.workers.schema import (DEFAULT_MODEL, DEFAULT_TAU_MIN, NORMS, ModelInfo, Norm, TraceMeta,
                                        check_choice)
 from routescope.workers.stage import RunEvictedError, Stage
@@ -148,8 +148,7 @@ class Pipeline:
         if not items:
             raise ValueError("prompts: empty list")
         check_choice("norm", norm, NORMS)
-        if not isinstance(tau_min, (int, float)) or not np.isfinite(tau_min) or not 0 < tau_min < 1:
-            raise ValueError(f"tau_min: {tau_min} must be a number in (0, 1)")
+        tau_min = check_tau_min(tau_min)
         token_ids = [self.tokenize(validate_prompt(p, None if single else i), prepend_bos) for i, p in enumerate(items)]
         graphs = self.trace_ids(token_ids, norm=norm, tau_min=float(tau_min), prompts=[str(p) for p in items])
         return graphs[0] if single else graphs

@@ -12,9 +12,7 @@ Issue 14 adds untrusted model files (``bad_files``: malformed ``config.json``, s
 shard indexes leading out of the model directory, crafted and truncated GGUF files, symbolic-link
 loops), devices this machine lacks, ``tau_min`` below float32's range and ``k`` out of range:
 each a ``ValueError`` from the API and the one-line error (exit status 2) of the command line.
-The memory side of the limits is in test_file_limits.py. A few API cases need a call site outside
-the files of that change and are marked ``pending`` (strict xfail: they fail loudly once the call
-site is in, so the mark is removed then).
+The memory side of the limits is in test_file_limits.py.
 """
 
 from __future__ import annotations
@@ -253,10 +251,9 @@ NO_MPS = pytest.mark.skipif(_has_device("mps"), reason="this machine has MPS")
 NO_XPU4 = pytest.mark.skipif(_has_device("xpu", 4), reason="this machine has 4 XPUs")
 
 
-def pending(case: tuple, where: str, *marks: Any) -> Any:
-    """A case that needs a call site outside the files of issue 14's loading change (``where``);
-    strict xfail, so it fails once the call site is in and the mark can go."""
-    return pytest.param(case, id=case[0], marks=[pytest.mark.xfail(strict=True, reason=f"needs {where}"), *marks])
+def marked(case: tuple, *marks: Any) -> Any:
+    """A case with pytest marks (e.g. skipped on a machine that has the device)."""
+    return pytest.param(case, id=case[0], marks=list(marks))
 
 
 def _load(name: str, **options: Any) -> Callable[[Ctx], Any]:
@@ -315,11 +312,6 @@ def params(cases: list[Any]) -> list[Any]:
 NOT_JSON = "config.json: config is not valid JSON (Expecting property name enclosed in double quotes at line 1 column 2)"
 TAU_MIN_TINY = ("tau_min: 1e-50 is below the smallest normal float32 (1.1754944e-38); contributions are float32, "
                 "where it would underflow to 0")
-STAGE_DEVICE = "workers/stage.py Stage.__init__: self.device = torch.device(check_device(device))"
-STAGE_CONFIG = "workers/bridge_adapter.py load_config: return check_config(checkpoint)"
-STAGE_TOKENIZER = ("workers/bridge_adapter.py load_tokenizer: return checkpoint.load_tokenizer(checkpoint) "
-                   "(workers.checkpoint's)")
-PIPELINE_TAU = "cluster/pipeline.py Pipeline.trace: tau_min = check_tau_min(tau_min)"
 
 # Untrusted files, devices, thresholds and k (issue 14). Messages that name a temporary path are
 # callables of the context, or start after the path.
@@ -328,14 +320,14 @@ API_FILES: list[Any] = [
      "device: 'cuda': CUDA is not available on this machine"),
     ("device nonsense (checked)", _check("check_device", "nonsense"), ValueError,
      "device: 'nonsense' is not a device name (cpu, cuda, cuda:N, mps, xpu:N)"),
-    pending(("device cuda without CUDA", lambda c: routescope.load(c.tiny, device="cuda", reuse=False), ValueError,
-             "device: 'cuda': CUDA is not available on this machine"), STAGE_DEVICE, NO_CUDA),
-    pending(("device mps without MPS", lambda c: routescope.load(c.tiny, device="mps", reuse=False), ValueError,
-             "device: 'mps': Apple MPS is not available on this machine; use cpu"), STAGE_DEVICE, NO_MPS),
-    pending(("device xpu:3", lambda c: routescope.load(c.tiny, device="xpu:3", reuse=False), ValueError,
-             "device: 'xpu:3'"), STAGE_DEVICE, NO_XPU4),
-    pending(("device nonsense", lambda c: routescope.load(c.tiny, device="nonsense", reuse=False), ValueError,
-             "device: 'nonsense' is not a device name (cpu, cuda, cuda:N, mps, xpu:N)"), STAGE_DEVICE),
+    marked(("device cuda without CUDA", lambda c: routescope.load(c.tiny, device="cuda", reuse=False), ValueError,
+             "device: 'cuda': CUDA is not available on this machine"), NO_CUDA),
+    marked(("device mps without MPS", lambda c: routescope.load(c.tiny, device="mps", reuse=False), ValueError,
+             "device: 'mps': Apple MPS is not available on this machine; use cpu"), NO_MPS),
+    marked(("device xpu:3", lambda c: routescope.load(c.tiny, device="xpu:3", reuse=False), ValueError,
+             "device: 'xpu:3'"), NO_XPU4),
+    marked(("device nonsense", lambda c: routescope.load(c.tiny, device="nonsense", reuse=False), ValueError,
+             "device: 'nonsense' is not a device name (cpu, cuda, cuda:N, mps, xpu:N)")),
     ("config not JSON", _load("config_not_json"), ValueError, NOT_JSON),
     ("config a list", _load("config_list"), ValueError, "config.json: config must be a JSON map, got list"),
     ("config wrong type", _load("config_wrong_type"), ValueError,
@@ -348,9 +340,8 @@ API_FILES: list[Any] = [
      "config.json: num_hidden_layers 5 is more layers than the checkpoint holds: 4 (model.layers)"),
     ("config missing num_hidden_layers (checked)", _check_config("config_no_layers"), ValueError,
      "config.json: loaded config: num_hidden_layers 32 is more layers than the checkpoint holds: 4 (model.layers)"),
-    pending(("config missing num_hidden_layers", _load("config_no_layers"), ValueError,
-             "config.json: loaded config: num_hidden_layers 32 is more layers than the checkpoint holds: 4 (model.layers)"),
-            STAGE_CONFIG),
+    marked(("config missing num_hidden_layers", _load("config_no_layers"), ValueError,
+             "config.json: loaded config: num_hidden_layers 32 is more layers than the checkpoint holds: 4 (model.layers)")),
     ("tokenizer.json not JSON", _load("tokenizer_not_json"), ValueError,
      "tokenizer_not_json/tokenizer.json: tokenizer file is not valid JSON (Expecting property name enclosed in double "
      "quotes at line 1 column 2)"),
@@ -358,8 +349,8 @@ API_FILES: list[Any] = [
      "tokenizer_config_list/tokenizer_config.json: tokenizer file must be a JSON map, got list"),
     ("tokenizer.json damaged (checked)", lambda c: _tokenizer(c.bad["tokenizer_damaged"]), ValueError,
      "tokenizer_damaged: the tokenizer cannot be loaded (KeyError: 'added_tokens')"),
-    pending(("tokenizer.json damaged", _load("tokenizer_damaged"), ValueError,
-             "tokenizer_damaged: the tokenizer cannot be loaded (KeyError: 'added_tokens')"), STAGE_TOKENIZER),
+    marked(("tokenizer.json damaged", _load("tokenizer_damaged"), ValueError,
+             "tokenizer_damaged: the tokenizer cannot be loaded (KeyError: 'added_tokens')")),
     ("safetensors too short", _load("st_short"), ValueError,
      "st_short/model.safetensors: not a valid safetensors file: 3 bytes, too short for a header"),
     ("safetensors truncated header", _load("st_truncated_header"), ValueError,
@@ -411,8 +402,7 @@ API_FILES: list[Any] = [
      lambda c: f"model: {c.bad['link_dangling']} is a symbolic link to {c.bad['link_dangling'].parent}/nowhere, "
                "which does not exist"),
     ("tau_min below float32 (checked)", _check("check_tau_min", 1e-50), ValueError, TAU_MIN_TINY),
-    pending(("tau_min below float32", lambda c: c.pipe.trace(PROMPT, tau_min=1e-50), ValueError, TAU_MIN_TINY),
-            PIPELINE_TAU),
+    marked(("tau_min below float32", lambda c: c.pipe.trace(PROMPT, tau_min=1e-50), ValueError, TAU_MIN_TINY)),
     ("stored graph with tau_min below float32", lambda c: routescope.FlowGraph.load(c.bad["tiny_tau_graph"]),
      EdgeSetError, "tiny-tau.msgpack: meta: tau_min 1e-50 is below the smallest normal float32 (1.1754944e-38)"),
     ("graph file of 3 GiB", lambda c: routescope.FlowGraph.load(c.bad["big_graph"]), EdgeSetError,

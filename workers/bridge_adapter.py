@@ -31,6 +31,7 @@ import torch
 from . import support
 from .adapter import HOOKS, ModelFacts
 from .checkpoint import Checkpoint, resolve
+from .checkpoint import check_config, load_tokenizer as checkpoint_load_tokenizer
 from .conversion import CheckpointMapping
 from .moe import is_moe, moe_block
 from .norms import LinearisedRMSNorm
@@ -38,15 +39,13 @@ from .schema import DEFAULT_MODEL
 
 
 def load_config(checkpoint: Checkpoint):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(str(checkpoint.path))
+    """The checkpoint's ``transformers`` config, validated against its tensors first (``check_config``)."""
+    return check_config(checkpoint)
 
 
 def load_tokenizer(checkpoint: Checkpoint):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(checkpoint.path))
+    """The checkpoint's tokenizer; a damaged tokenizer file is one clear error naming the checkpoint."""
+    return checkpoint_load_tokenizer(checkpoint)
 
 
 def _n_layers(config) -> int:

@@ -20,7 +20,7 @@ import torch
 
 from .adapter import HOOKS, AdapterError, ModelAdapter, check_range, resolve_adapter
 from .bridge_adapter import _layer_key, load_config, load_tokenizer  # noqa: F401 (re-exported)
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, check_device
 from .contributions import (
     DEFAULT_CHUNK_BYTES,
     LayerActivations,
@@ -122,7 +122,7 @@ class Stage:
             raise ValueError(f"layers: stage range [{start}, {stop}) is not within the model's [0, {total})")
         self.start, self.stop, self.n_layers_total = start, stop, total
         self.first, self.last = start == 0, stop == total
-        self.device = torch.device(device)
+        self.device = torch.device(check_device(device))
         self.dtype = _dtype(dtype)
         where = f"adapter {self.adapter.name!r}" if self.checkpoint is None else str(self.checkpoint.path)
         self._where = where
