@@ -370,12 +370,12 @@ class ViewerApp:
         t0 = time.perf_counter()
         self.busy = True
         try:
-            if not self.reg.is_loaded(entry.spec, device, dtype):
+            if not self.reg.is_loaded(entry.spec, device, dtype, entry.adapter):
                 self._schedule(self._busy, True, f"Loading model {entry.name} ({device}, {dtype})\u2026")
             else:
                 self._schedule(self._busy, True, f"Tracing {len(prompt)} characters\u2026")
             try:
-                loaded = await loop.run_in_executor(None, self.reg.get, entry.spec, device, dtype)
+                loaded = await loop.run_in_executor(None, self.reg.get, entry.spec, device, dtype, entry.adapter)
             except Exception as exc:  # noqa: BLE001
                 raise _LoadError(f"Model {entry.name!r} failed to load: {type(exc).__name__}: {exc}") from exc
             self._schedule(self._busy, True, f"Tracing {len(prompt)} characters\u2026")

@@ -90,12 +90,12 @@ class ModelRegistry:
         return cls(cache_bytes=cfg.cache_bytes, max_tokens=cfg.max_tokens, address=cfg.address,
                    max_prompt_chars=cfg.prompt_chars_limit, activation_cache_bytes=cfg.activation_cache_bytes)
 
-    def key(self, spec: str, device: str = "cpu", dtype: str | None = "float32") -> tuple:
+    def key(self, spec: str, device: str = "cpu", dtype: str | None = "float32", adapter: str | None = None) -> tuple:
         """The pipeline cache's key: the one ``routescope.load`` uses for the same model, so both
         share the loaded pipeline (a custom ``loader`` gets keys of its own)."""
         dtype = None if dtype in (None, "float32") else str(dtype)
         opts: dict[str, Any] = {"address": self.address} if self.address else {"device": str(device)}
-        key = pipelines.cache_key(str(spec), dtype=dtype, **opts)
+        key = pipelines.cache_key(str(spec), dtype=dtype, adapter=adapter, **opts)
         return key if self._loader is None else ("loader", *key)
 
     @property
@@ -103,18 +103,20 @@ class ModelRegistry:
         """How many times a model was really loaded (tests)."""
         return self.pipelines.loads
 
-    def _load(self, spec: str, device: str, dtype: str | None) -> Any:
+    def _load(self, spec: str, device: str, dtype: str | None, adapter: str | None = None) -> Any:
         if self._loader is not None:
             return self._loader(spec, device=device, dtype=dtype)
         opts: dict[str, Any] = {"address": self.address} if self.address else {"device": device}
-        return pipelines.load(spec, dtype=dtype, reuse=False, cache_bytes=self.activation_cache_bytes, **opts)
+        return pipelines.load(spec, dtype=dtype, reuse=False, cache_bytes=self.activation_cache_bytes,
+                              adapter=adapter, **opts)
 
-    def get(self, spec: str, device: str = "cpu", dtype: str | None = "float32") -> Loaded:
+    def get(self, spec: str, device: str = "cpu", dtype: str | None = "float32", adapter: str | None = None) -> Loaded:
+        """The loaded pipeline of a model entry (``adapter``: a dotted path, ``docs/adapters.md``)."""
         dtype = None if dtype in (None, "float32") else str(dtype)
-        key = self.key(spec, device, dtype)
+        key = self.key(spec, device, dtype, adapter)
         # the bound this registry loads pipelines with (a custom loader is expected to honour it too)
         configured = self.activation_cache_bytes
-        pipe = self.pipelines.get(key, lambda: self._load(spec, device, dtype), dtype,
+        pipe = self.pipelines.get(key, lambda: self._load(spec, device, dtype, adapter), dtype,
                                   n_bytes=lambda p: entry_bytes(p, dtype, configured))
         held = self._handles.get(key)
         if held is None or held.pipeline is not pipe:
@@ -123,8 +125,9 @@ class ModelRegistry:
                                                str(device), dtype)
         return held
 
-    def is_loaded(self, spec: str, device: str = "cpu", dtype: str | None = "float32") -> bool:
-        return self.key(spec, device, dtype) in self.pipelines
+    def is_loaded(self, spec: str, device: str = "cpu", dtype: str | None = "float32",
+                  adapter: str | None = None) -> bool:
+        return self.key(spec, device, dtype, adapter) in self.pipelines
 
     def trace(self, loaded: Loaded, prompt: str, *, prepend_bos: bool = True, norm: str = "l1",
               tau_min: float = 0.01) -> Any:
