@@ -42,7 +42,7 @@ def check_layout(ranges: list[tuple[int, int]], n_layers: int) -> None:
 
 def layer_bytes(checkpoint: Checkpoint, n_layers: int) -> tuple[list[int], int, int]:
     """Parameter bytes per layer, of the embedding side and of the output side (from headers only)."""
-    from routescope.workers.stage import _layer_key
+    from routescope.workers.bridge_adapter import _layer_key
 
     sizes = {name: meta["data_offsets"][1] - meta["data_offsets"][0]
              for name, meta in checkpoint.tensor_headers().items()}

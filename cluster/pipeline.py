@@ -17,7 +17,6 @@ import uuid
 from collections import OrderedDict
 from typing import Any, Callable, Sequence, TypeVar
 
-import numpy as np
 import torch
 
 from routescope.workers.adapter import adapter_label, resolve_adapter

@@ -25,6 +25,12 @@ EDGE_KEY = ("edge_layer", "edge_target", "edge_source")
 DENSE = ("res_attn", "ffn", "res_ffn")
 
 
+def assert_edge_sets_equal(ea, eb) -> None:
+    """Bit-identical columns: the same computation (e.g. one model split into other stages)."""
+    for col in HEAD_KEY + EDGE_KEY + ("head_weight", "edge_weight") + DENSE:
+        assert np.array_equal(getattr(ea, col), getattr(eb, col)), col
+
+
 def _parts(edges, key_cols, weight_col) -> dict[tuple[int, ...], float]:
     keys = np.stack([getattr(edges, c).astype(np.int64) for c in key_cols], 1)
     return {tuple(k): float(w) for k, w in zip(keys.tolist(), getattr(edges, weight_col))}

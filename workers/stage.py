@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from .adapter import HOOKS, AdapterError, ModelAdapter, check_range, resolve_adapter
-from .bridge_adapter import _layer_key, load_config, load_tokenizer  # noqa: F401 (re-exported)
 from .checkpoint import Checkpoint, check_device
 from .contributions import (
     DEFAULT_CHUNK_BYTES,
