@@ -26,14 +26,19 @@ def start_server(cfg, registry, port: int | None = None):
 
     port = port or free_port()
     server = serve(cfg, host="127.0.0.1", port=port, registry=registry, threaded=True)
-    deadline = time.time() + 30
+    wait_listening(port)
+    return server, f"http://127.0.0.1:{port}/"
+
+
+def wait_listening(port: int, timeout: float = 30.0) -> None:
+    """Return once something accepts connections on 127.0.0.1:``port`` (or ``timeout`` passes)."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
+                return
         except OSError:
             time.sleep(0.1)
-    return server, f"http://127.0.0.1:{port}/"
 
 
 def stop_server(server) -> None:

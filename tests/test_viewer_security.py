@@ -24,7 +24,7 @@ import pytest
 pytest.importorskip("panel")
 
 from browser_util import (DEEP, data_to_page, deep_eval, error_text, free_port, start_server, status, stop_server,
-                          wait_for, wait_idle)
+                          wait_for, wait_idle, wait_listening)
 
 PROMPT = "Water boils at"
 IMG = "<img src=x onerror=window.__pwned=1>"  # a dataset file's name (plus .txt)
@@ -244,13 +244,7 @@ def test_stats_panel_escapes_manifest_and_survives_corrupt_files(browser, evil):
                       port=port, address="127.0.0.1", show=False, threaded=True,
                       websocket_origin=[f"127.0.0.1:{port}"])
     try:
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_listening(port)
         ctx, page = new_page(browser, f"http://127.0.0.1:{port}/evil")
         wait_for(page, "() => { " + DEEP + " return deepAll('.rs-results-header').length > 0; }")
         header = texts(page, ".rs-results-header")[0]
@@ -546,13 +540,7 @@ def test_login_failures_are_throttled_on_the_server(caplog):
     srv = serve(ViewerConfig(), host="127.0.0.1", port=port, registry=ModelRegistry(), threaded=True,
                 basic_auth={"alice": "s3cret"}, throttle=throttle)
     try:
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_listening(port)
         with caplog.at_level("WARNING", logger="routescope.viewer"):
             assert _post_login(port, "alice", "wrong")[0] == 302
             assert _post_login(port, "mallory", "wrong")[0] == 302
