@@ -59,13 +59,18 @@ def expert_down(block: torch.nn.Module, expert: int) -> torch.Tensor:
     return block.experts.down_proj[expert].detach().T
 
 
-def expert_parts(block: torch.nn.Module, x: torch.Tensor) -> ExpertParts:
-    """The routed and shared experts' outputs at one position, from the block input ``x`` ``[d]``."""
+def route(block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[int], list[float]]:
+    """The router at one position: softmax over all experts ``[E]``, the routed experts and their gates."""
     with torch.inference_mode():
         logits, weights, indices = block.gate(x[None])
-        probs = torch.softmax(logits.float(), dim=-1)[0]
-        experts = [int(e) for e in indices[0].tolist()]
-        gates = [float(w) for w in weights[0].tolist()]
+    return torch.softmax(logits.float(), dim=-1)[0], [int(e) for e in indices[0].tolist()], \
+        [float(w) for w in weights[0].tolist()]
+
+
+def expert_parts(block: torch.nn.Module, x: torch.Tensor) -> ExpertParts:
+    """The routed and shared experts' outputs at one position, from the block input ``x`` ``[d]``."""
+    probs, experts, gates = route(block, x)
+    with torch.inference_mode():
         outputs = torch.stack([
             gates[i] * torch.nn.functional.linear(expert_activations(block, x, e), block.experts.down_proj[e])
             for i, e in enumerate(experts)])

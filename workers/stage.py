@@ -32,7 +32,7 @@ from .contributions import (
 )
 from . import kernels, support
 from .details import Component, TokenExtremes, TokenRanking
-from .moe import expert_activations, expert_down, expert_parts
+from .moe import expert_activations, expert_down, expert_parts, route
 from .edgeset import EdgeSet
 from .schema import ModelInfo, Node, canonical_dtype
 
@@ -158,7 +158,8 @@ class Stage:
             acts = self._slice(layer, 0, x.shape[1])
             if self.moe_blocks is not None:
                 support.check_moe(arch, self.start + i, acts, self.moe_blocks[i], self.dtype)
-            scales = (None, None) if self.block_norms is None else self._norm_scales(acts, i)
+            scales = (None, None) if self.block_norms is None else \
+                (self._norm_scale(acts, i, "attn"), self._norm_scale(acts, i, "mlp"))
             support.check_decomposition(arch, self.start + i, acts, self.W_O[i],
                                         None if self.W_out is None else self.W_out[i], self.parallel, self.dtype,
                                         *scales)
@@ -274,10 +275,10 @@ class Stage:
                 out[name] = t[b, -n:].contiguous()
         return out
 
-    def _norm_scales(self, acts: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The diagonals of the block's attention and FFN output norms at their inputs, ``[T, d]`` each."""
-        attn_norm, ffn_norm = self.block_norms[i][:2]
-        return attn_norm.scale(acts["attn.norm_in"]), ffn_norm.scale(acts["mlp.norm_in"])
+    def _norm_scale(self, acts: dict[str, torch.Tensor], i: int, side: str) -> torch.Tensor:
+        """The diagonal of the block's ``"attn"`` or ``"mlp"`` output norm at its input, ``[T, d]``."""
+        norm = self.block_norms[i][0 if side == "attn" else 1]
+        return norm.scale(acts[f"{side}.norm_in"])
 
     def _layer_acts(self, acts: dict[str, torch.Tensor], i: int) -> LayerActivations:
         return LayerActivations(
@@ -288,7 +289,7 @@ class Stage:
             v=acts["attn.hook_v"],
             pattern=acts["attn.hook_pattern"],
             W_O=self.W_O[i],
-            attn_scale=None if self.block_norms is None else self._norm_scales(acts, i)[0],
+            attn_scale=None if self.block_norms is None else self._norm_scale(acts, i, "attn"),
         )
 
     def _add_layer(self, cols: dict[str, list], i: int, acts: dict[str, torch.Tensor], norm: Norm,
@@ -370,7 +371,7 @@ class Stage:
                 a = acts["attn.hook_pattern"][h, pos, srcs].float()
                 out += ((a[:, None] * v[srcs, h // group]).sum(0) @ self.W_O[i, h].float()).cpu()
             if self.block_norms is not None:  # the part as it joins the stream (SPEC 4a)
-                out *= self._norm_scales(acts, i)[0][pos].cpu()
+                out *= self._norm_scale(acts, i, "attn")[pos].cpu()
             return out
         if self.moe_blocks is not None:
             gate, act, W_out = self._expert_neurons(acts, i, pos, c.expert)
@@ -379,7 +380,7 @@ class Stage:
         n = _check_index("neuron", c.neuron, self.W_out.shape[1])
         vec = acts["mlp.hook_post"][pos, n].float() * self.W_out[i, n].float()
         if self.block_norms is not None:
-            vec = vec * self._norm_scales(acts, i)[1][pos]
+            vec = vec * self._norm_scale(acts, i, "mlp")[pos]
         return vec.cpu()
 
     def head_contributions(self, run_id: str, layer: int, target: int, norm: Norm = "l1") -> np.ndarray:
@@ -423,7 +424,7 @@ class Stage:
             # Parallel blocks have no resid_mid: everything but the FFN output plays the residual.
             act, scaled, W_out = acts["mlp.hook_post"][pos].float(), acts["mlp.hook_post"][pos], self.W_out[i]
             if self.block_norms is not None:  # neurons as they join the stream (SPEC 4a)
-                W_out = W_out.float() * self._norm_scales(acts, i)[1][pos][None, :]
+                W_out = W_out.float() * self._norm_scale(acts, i, "mlp")[pos][None, :]
             rest = acts["hook_resid_mid"][pos] if "hook_resid_mid" in acts else post - acts["hook_mlp_out"][pos]
         k = _check_k(k, W_out.shape[0])
         c = neuron_contributions(rest, post, scaled, W_out, norm)
@@ -458,16 +459,16 @@ class Stage:
         """``(gate, act [d_e], W_out [d_e, d])`` of a routed expert at ``pos``."""
         block = self.moe_blocks[i]
         x = acts["mlp.hook_in"][pos]
-        parts = expert_parts(block, x)
+        _, experts, gates = route(block, x)  # the router alone: no expert is evaluated for this
         if expert is None:
-            expert = parts.experts[max(range(len(parts.gates)), key=parts.gates.__getitem__)]
+            expert = experts[max(range(len(gates)), key=gates.__getitem__)]
         n_experts = int(block.experts.gate_up_proj.shape[0])
         expert = _check_index("expert", expert, n_experts)
-        if expert not in parts.experts:
-            raise ValueError(f"expert {expert} is not routed at position {pos} (routed: {parts.experts})")
+        if expert not in experts:
+            raise ValueError(f"expert {expert} is not routed at position {pos} (routed: {experts})")
         with torch.inference_mode():
             act = expert_activations(block, x, expert).float()
-        return parts.gates[parts.experts.index(expert)], act, expert_down(block, expert).float()
+        return gates[experts.index(expert)], act, expert_down(block, expert).float()
 
     def _logits(self, vectors: torch.Tensor, normalize: bool) -> torch.Tensor:
         if not self.last:
