@@ -58,6 +58,14 @@ class LRUBytes:
             if self.on_evict:
                 self.on_evict(k, v)
 
+    def pop_where(self, match: Callable[[Any], bool]) -> list[Any]:
+        """Remove every entry whose value ``match``es; return their keys."""
+        with self._lock:
+            keys = [k for k, (v, _) in self._data.items() if match(v)]
+            for k in keys:
+                self.n_bytes -= self._data.pop(k)[1]
+        return keys
+
     def __len__(self) -> int:
         return len(self._data)
 
@@ -121,11 +129,7 @@ class PipelineCache:
 
     def discard(self, pipeline: Any) -> bool:
         """Forget ``pipeline`` (it stays usable for whoever holds it); True if it was cached."""
-        with self._lru._lock:
-            keys = [k for k, (v, _) in self._lru._data.items() if v[0] is pipeline]
-            for k in keys:
-                self._lru.n_bytes -= self._lru._data.pop(k)[1]
-        return bool(keys)
+        return bool(self._lru.pop_where(lambda entry: entry[0] is pipeline))
 
 
 CACHE = PipelineCache()
