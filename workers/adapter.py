@@ -33,10 +33,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import torch
+
+from .schema import ModelFacts  # part of the protocol; defined with ModelInfo, which extends it
 
 # Per-layer activation names a LayerRange reports (on_layer's dict keys), with their shapes for a
 # batch of B prompts of T (left-padded) positions. hook_resid_mid is absent for parallel blocks.
@@ -53,27 +54,6 @@ OnLayer = Callable[[int, "dict[str, torch.Tensor]"], None]
 
 class AdapterError(ValueError):
     """An ``adapter=`` selection that names no usable model adapter (one line, says why)."""
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """Sizes of the model, as a ``LayerRange`` holds it (the same on every range).
-
-    ``architecture``: a name for messages and the viewer (e.g. the class name); ``n_heads`` query
-    heads, ``n_kv_heads`` key/value heads (``n_heads`` without grouped-query attention),
-    ``d_model`` residual width, ``d_head`` head width, ``d_ff`` FFN width (rows of ``W_out``),
-    ``d_vocab`` vocabulary, ``n_ctx`` longest prompt in tokens, ``parallel``: attention and FFN
-    read the same input (GPT-J / NeoX blocks, no ``hook_resid_mid``)."""
-
-    architecture: str
-    n_heads: int
-    n_kv_heads: int
-    d_model: int
-    d_head: int
-    d_ff: int
-    d_vocab: int
-    n_ctx: int
-    parallel: bool = False
 
 
 @runtime_checkable

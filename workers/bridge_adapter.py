@@ -29,7 +29,8 @@ from typing import Any, Callable
 import torch
 
 from . import support
-from .adapter import HOOKS, ModelFacts
+from .adapter import HOOKS
+from .schema import ModelFacts
 from .checkpoint import Checkpoint, resolve
 from .checkpoint import check_config, load_tokenizer as checkpoint_load_tokenizer
 from .conversion import CheckpointMapping

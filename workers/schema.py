@@ -145,12 +145,16 @@ def predecessor(node: "str | Node", parallel: bool) -> str | None:
 
 # ================================================================================= model info
 @dataclass(frozen=True)
-class ModelInfo:
-    """What the viewer and the coordinator need to know about a model."""
+class ModelFacts:
+    """Sizes of a model, as a ``LayerRange`` of a model adapter holds them (the same on every range).
 
-    name: str
+    ``architecture``: a name for messages and the viewer (e.g. the class name); ``n_heads`` query
+    heads, ``n_kv_heads`` key/value heads (``n_heads`` without grouped-query attention),
+    ``d_model`` residual width, ``d_head`` head width, ``d_ff`` FFN width (rows of ``W_out``),
+    ``d_vocab`` vocabulary, ``n_ctx`` longest prompt in tokens, ``parallel``: attention and FFN
+    read the same input (GPT-J / NeoX blocks, no ``hook_resid_mid``)."""
+
     architecture: str
-    n_layers: int
     n_heads: int
     n_kv_heads: int
     d_model: int
@@ -158,7 +162,16 @@ class ModelInfo:
     d_ff: int
     d_vocab: int
     n_ctx: int
-    parallel: bool
+    parallel: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo(ModelFacts):
+    """What the viewer and the coordinator need to know about a model: its sizes, name, layer
+    count and parameter count."""
+
+    name: str
+    n_layers: int
     n_params: int
 
     def to_dict(self) -> dict[str, Any]:

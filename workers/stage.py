@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from dataclasses import fields
 from typing import Any, Sequence
 
 import numpy as np
@@ -34,7 +35,7 @@ from . import kernels, support
 from .details import Component, TokenExtremes, TokenRanking
 from .moe import expert_activations, expert_down, expert_parts, route
 from .edgeset import EdgeSet
-from .schema import ModelInfo, Node, canonical_dtype
+from .schema import ModelFacts, ModelInfo, Node, canonical_dtype
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _HOOKS = HOOKS
@@ -137,12 +138,9 @@ class Stage:
         self.block_norms = getattr(self.layers, "block_norms", None)
         self.W_O = self.layers.W_O.detach()  # [n, H, dh, d]
         self.W_out = None if self.moe_blocks is not None else self.layers.W_out.detach()  # [n, d_ff, d]
-        self.info = ModelInfo(
-            name=self.adapter.name, architecture=facts.architecture, n_layers=total, n_heads=int(facts.n_heads),
-            n_kv_heads=int(facts.n_kv_heads), d_model=int(facts.d_model), d_head=int(facts.d_head),
-            d_ff=int(facts.d_ff), d_vocab=int(facts.d_vocab), n_ctx=int(facts.n_ctx), parallel=self.parallel,
-            n_params=int(self.layers.parameter_count()),
-        )
+        sizes = {f.name: int(getattr(facts, f.name)) for f in fields(ModelFacts) if f.type == "int"}
+        self.info = ModelInfo(architecture=facts.architecture, parallel=self.parallel, **sizes,
+                              name=self.adapter.name, n_layers=total, n_params=int(self.layers.parameter_count()))
         self.store = ActivationStore(cache_bytes)
         self.recomputed_batches = 0  # batches computed again, synced, after a candidate list overflowed
         self._lock = threading.Lock()
