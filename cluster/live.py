@@ -44,14 +44,10 @@ class LiveRun:
         return self._pipeline.owner(self._layer(layer))
 
     def _layer(self, layer: int) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer {layer} outside [0, {self.n_layers - 1}]")
-        return int(layer)
+        return _index("layer", layer, self.n_layers)
 
-    def _pos(self, pos: int, what: str = "position") -> int:
-        if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not 0 <= pos < self.n_tokens:
-            raise ValueError(f"{what} {pos} outside [0, {self.n_tokens - 1}]")
-        return int(pos)
+    def _pos(self, pos: int) -> int:
+        return _index("position", pos, self.n_tokens)
 
     def _node(self, node: str | Node) -> Node:
         n = as_node(node)
@@ -133,9 +129,7 @@ class LiveRun:
         c = self._ask(lambda: self._owner(layer).head_contributions(self.run_id, layer, target, self.norm))
         if source is None:
             return c
-        if isinstance(source, bool) or not isinstance(source, (int, np.integer)) or not 0 <= source <= target:
-            raise ValueError(f"source {source} outside [0, {target}] (a source precedes its target)")
-        return c[int(source)]
+        return c[_index("source", source, target + 1, "a source precedes its target")]
 
     def attention_maps(self, layer: int, heads: int | Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Attention patterns and contribution maps of one layer's ``heads``, computed in one pass
@@ -164,3 +158,10 @@ class LiveRun:
         ``I{layer}_{pos}``; answered by the stage that holds the layer."""
         layer, pos = self._layer(layer), self._pos(pos)
         return self._ask(lambda: self._owner(layer).experts(self.run_id, layer, pos, self.norm))
+
+
+def _index(what: str, value: Any, n: int, why: str = "") -> int:
+    """``value`` as an int in ``[0, n)``, else a ``ValueError`` naming it (booleans are not indices)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < n:
+        raise ValueError(f"{what} {value} outside [0, {n - 1}]" + (f" ({why})" if why else ""))
+    return int(value)
