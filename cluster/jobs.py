@@ -40,7 +40,7 @@ from routescope.workers.schema import (DEFAULT_MODEL, DEFAULT_TAU_MIN, MODES, NO
                                        check_choice)
 
 from .datasets import MAX_PROMPT_CHARS, read_dataset
-from .results import FAILED, LOCK, MANIFEST, PROMPTS, Results, done_indexes, prompt_path
+from .results import FAILED, LOCK, MANIFEST, PROMPTS, Results, done_indexes, prompt_path, read_job_json
 from .stats import POSITIONS, prediction_summary, prediction_targets
 from .storage import FileLock, LockHeld, atomic_create, atomic_write, describe_holder
 
@@ -254,7 +254,7 @@ def _check_resume(results: Path, manifest: dict[str, Any]) -> dict[str, Any] | N
     if os.path.islink(path):
         raise ValueError(f"results location {results}: {MANIFEST} is a symbolic link, not a job manifest")
     try:
-        old = json.loads(path.read_bytes())
+        old = read_job_json(path)
     except (OSError, ValueError) as exc:
         raise ValueError(f"results location {results}: unreadable {MANIFEST} ({exc})") from None
     if not isinstance(old, dict) or old.get("schema") != SCHEMA:

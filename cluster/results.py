@@ -26,7 +26,7 @@ import stat
 from pathlib import Path
 from typing import Any, Iterator
 
-from routescope.workers.edgeset import MAX_PAYLOAD_BYTES, EdgeSet, EdgeSetError
+from routescope.workers.edgeset import MAX_PAYLOAD_BYTES, EdgeSet, EdgeSetError, read_file
 
 from .graph import FlowGraph
 
@@ -101,9 +101,17 @@ def done_indexes(results: str | os.PathLike) -> set[int]:
     return out
 
 
+MAX_JOB_FILE_BYTES = 64 * 2**20  # manifest.json, failed.json: a colleague's file is read bounded
+
+
+def read_job_json(p: Path) -> Any:
+    """A job file (manifest, failed list) as JSON, its size checked on the opened file first."""
+    return json.loads(read_file(p, MAX_JOB_FILE_BYTES, what=p.name))
+
+
 def _read_json(p: Path) -> Any:
     try:
-        return json.loads(p.read_bytes())
+        return read_job_json(p)
     except (OSError, ValueError) as exc:
         raise ResultsError(f"{p}: unreadable ({getattr(exc, 'strerror', None) or exc})") from None
 

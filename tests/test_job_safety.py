@@ -601,3 +601,20 @@ def test_symlink_loops_are_clear_errors_or_skipped(tmp_path, tiny, dataset, env,
     assert out.stderr.startswith(f"routescope run-job: error: results location {rloop} cannot be used:")
     with pytest.raises(FileNotFoundError, match="not a results directory"):
         Results(rloop)
+
+
+def test_oversized_job_files_are_refused_before_reading(tmp_path):
+    """A colleague's manifest.json / failed.json of hundreds of MiB is refused by its size on the
+    opened file, not read whole (issue 14, limits before allocating)."""
+    import psutil
+
+    from routescope.cluster.results import MAX_JOB_FILE_BYTES, Results, ResultsError
+
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "manifest.json").write_text("{}")
+    with open(tmp_path / "failed.json", "wb") as f:
+        f.truncate(200 * 2**20)  # sparse: costs no disk
+    before = psutil.Process().memory_info().rss
+    with pytest.raises(ResultsError, match=f"failed.json of {200 * 2**20} bytes exceeds the limit of {MAX_JOB_FILE_BYTES}"):
+        Results(tmp_path).failed
+    assert psutil.Process().memory_info().rss - before < 100 * 2**20
